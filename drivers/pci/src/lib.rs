@@ -1,0 +1,4 @@
+//! PCI for Sluice.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;

@@ -1,0 +1,2 @@
+//! The Sluice hypercall ABI.
+#![no_std]

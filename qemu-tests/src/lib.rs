@@ -1,0 +1,1 @@
+//! QEMU scenarios and their harness.
