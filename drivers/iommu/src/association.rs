@@ -1,0 +1,1 @@
+//! Which IOMMU unit translates each PCI device.

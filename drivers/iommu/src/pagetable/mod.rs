@@ -1,0 +1,1 @@
+//! The IO page-table engine.
