@@ -1,0 +1,172 @@
+//! The scenario table: every QEMU boot the harness runs, declared in one place.
+//!
+//! A new scenario is one entry in [`SCENARIOS`]; fields it does not mention
+//! come from [`Scenario::DEFAULT`].
+
+use std::time::Duration;
+
+use crate::arch::Arch;
+
+/// What a scenario is expected to end with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// A `SLUICE-TEST <name> PASS` line and Sluice exit code 0.
+    Pass,
+    /// A failure whose reason (result line and exit status, as the harness
+    /// words it) contains `reason_contains`. Used to prove the harness can fail.
+    Fail { reason_contains: &'static str },
+}
+
+/// One QEMU boot of Sluice with a given command line, board options and expectation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// Unique name; the log is `target/qemu-tests/<arch>-<name>.log`.
+    pub name: &'static str,
+    /// Architectures the scenario runs on (once per architecture).
+    pub arches: &'static [Arch],
+    /// Extra QEMU arguments, placed after the IOMMU, e.g. `&["-device", "edu"]`.
+    pub qemu_args: &'static [&'static str],
+    /// Properties of the x86 `intel-iommu` device, e.g. `"aw-bits=48,caching-mode=on"`;
+    /// empty for QEMU's defaults. Not applicable on aarch64 (QEMU 7.2's
+    /// `virt,iommu=smmuv3` has no properties), where it must stay empty.
+    pub intel_iommu: &'static str,
+    /// The Sluice command line written to `\EFI\sluice\cmdline.txt`.
+    pub cmdline: &'static str,
+    /// Number of vCPUs (`-smp`).
+    pub smp: u32,
+    /// Guest memory (`-m`), in QEMU's syntax.
+    pub mem: &'static str,
+    /// Wall-clock limit for the whole boot; QEMU is killed when it is reached.
+    pub time_limit: Duration,
+    /// The outcome the harness must observe for the scenario to count as passed.
+    pub expected: Expected,
+}
+
+/// Both architectures.
+pub const BOTH: &[Arch] = &Arch::ALL;
+
+impl Scenario {
+    /// The values a table entry gets for the fields it leaves out.
+    pub const DEFAULT: Scenario = Scenario {
+        name: "",
+        arches: BOTH,
+        qemu_args: &[],
+        intel_iommu: "",
+        cmdline: "",
+        smp: 1,
+        mem: "1G",
+        // Firmware takes 4-6 s to reach Sluice under TCG; the rest is slack
+        // for a loaded two-core machine.
+        time_limit: Duration::from_secs(120),
+        expected: Expected::Pass,
+    };
+
+    /// The test name Sluice reports in `SLUICE-TEST <name> ...`: the value of
+    /// the `test=` word of the command line, or the scenario name without one.
+    pub fn test_name(&self) -> &'static str {
+        self.cmdline
+            .split_ascii_whitespace()
+            .find_map(|word| word.strip_prefix("test="))
+            .unwrap_or(self.name)
+    }
+
+    /// `<arch>-<name>`, the scenario's id in logs, ESP directories and the summary.
+    pub fn id(&self, arch: Arch) -> String {
+        format!("{}-{}", arch.name(), self.name)
+    }
+
+    /// Whether the scenario runs on `arch`.
+    pub fn runs_on(&self, arch: Arch) -> bool {
+        self.arches.contains(&arch)
+    }
+}
+
+/// Every QEMU scenario. `cargo xtask test` runs each on each of its architectures.
+pub const SCENARIOS: &[Scenario] = &[
+    // Sluice boots, brings up its console and reports success.
+    Scenario {
+        name: "boot",
+        cmdline: "test=boot",
+        ..Scenario::DEFAULT
+    },
+    // The harness self-test: Sluice takes a deliberate CPU exception, and the
+    // harness must report it as a failure naming the exception.
+    Scenario {
+        name: "fault",
+        cmdline: "test=fault",
+        expected: Expected::Fail {
+            reason_contains: "cpu exception",
+        },
+        ..Scenario::DEFAULT
+    },
+];
+
+/// The scenario called `name`, if the table has one.
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|scenario| scenario.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn table_is_well_formed() {
+        let mut names = HashSet::new();
+        for scenario in SCENARIOS {
+            assert!(names.insert(scenario.name), "duplicate {}", scenario.name);
+            assert!(!scenario.name.is_empty());
+            assert!(
+                scenario
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "{}: names become file names",
+                scenario.name
+            );
+            assert!(!scenario.arches.is_empty(), "{}", scenario.name);
+            assert!(scenario.cmdline.is_ascii(), "{}", scenario.name);
+            assert!(scenario.smp >= 1, "{}", scenario.name);
+            assert!(!scenario.time_limit.is_zero(), "{}", scenario.name);
+            assert!(
+                scenario.intel_iommu.is_empty() || scenario.arches == [Arch::X86_64],
+                "{}: intel-iommu properties only apply to an x86_64-only scenario",
+                scenario.name
+            );
+        }
+    }
+
+    #[test]
+    fn first_scenarios_are_present() {
+        let boot = find("boot").expect("boot scenario");
+        assert_eq!(boot.test_name(), "boot");
+        assert_eq!(boot.expected, Expected::Pass);
+        assert_eq!(boot.arches, BOTH);
+        let fault = find("fault").expect("fault scenario");
+        assert_eq!(fault.test_name(), "fault");
+        assert_eq!(
+            fault.expected,
+            Expected::Fail {
+                reason_contains: "cpu exception"
+            }
+        );
+        assert!(find("no-such-scenario").is_none());
+    }
+
+    #[test]
+    fn test_name_comes_from_the_command_line() {
+        let scenario = Scenario {
+            name: "boot-48bit",
+            cmdline: "loglevel=debug test=boot",
+            ..Scenario::DEFAULT
+        };
+        assert_eq!(scenario.test_name(), "boot");
+        assert_eq!(scenario.id(Arch::Aarch64), "aarch64-boot-48bit");
+        let unnamed = Scenario {
+            name: "demo",
+            ..Scenario::DEFAULT
+        };
+        assert_eq!(unnamed.test_name(), "demo");
+    }
+}
