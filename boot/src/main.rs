@@ -1,5 +1,15 @@
-//! Sluice's UEFI entry.
+//! Sluice's UEFI entry, for x86_64 and aarch64.
+//!
+//! While boot services still run it finds the ACPI RSDP, reserves the
+//! hypervisor heap, chooses the console and reads the command line (UEFI load
+//! options, else `\EFI\sluice\cmdline.txt` on the ESP); then it leaves boot
+//! services, converts the memory map and hands everything to the kernel.
 #![cfg_attr(target_os = "uefi", no_std, no_main)]
+
+#[cfg(target_os = "uefi")]
+mod scenarios;
+#[cfg(target_os = "uefi")]
+mod uefi_entry;
 
 #[cfg(not(target_os = "uefi"))]
 fn main() {

@@ -1,4 +1,27 @@
-//! Sluice's kernel.
+//! Sluice's kernel: console and logging, physical memory, the hypervisor's
+//! own page tables, exception handling and the clock, for x86_64 and
+//! aarch64.
+//!
+//! Everything that touches hardware is compiled for the UEFI targets only;
+//! the hardware-independent parts (command line, boot information, frame
+//! allocator) also build and are tested on the host.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
+
+pub mod boot_info;
+pub mod cmdline;
+pub mod memory;
+
+#[cfg(target_os = "uefi")]
+pub mod acpi_tables;
+#[cfg(target_os = "uefi")]
+pub mod arch;
+#[cfg(target_os = "uefi")]
+pub mod clock;
+#[cfg(target_os = "uefi")]
+pub mod console;
+#[cfg(target_os = "uefi")]
+pub mod fatal;
+#[cfg(target_os = "uefi")]
+pub mod platform;

@@ -20,7 +20,7 @@ impl PhysAddr {
         self.0
     }
     pub const fn is_page_aligned(self) -> bool {
-        self.0 % PAGE_SIZE == 0
+        self.0.is_multiple_of(PAGE_SIZE)
     }
     /// `self + bytes`, or `None` on overflow.
     pub const fn checked_add(self, bytes: u64) -> Option<Self> {

@@ -174,12 +174,18 @@ impl DmaMemory for ModelMemory {
     }
 
     fn read_u64(&self, addr: PhysAddr) -> u64 {
-        debug_assert!(addr.as_u64() % 8 == 0, "unaligned 64-bit read at {addr:?}");
+        debug_assert!(
+            addr.as_u64().is_multiple_of(8),
+            "unaligned 64-bit read at {addr:?}"
+        );
         self.read_word(addr.as_u64())
     }
 
     fn write_u64(&self, addr: PhysAddr, value: u64) {
-        debug_assert!(addr.as_u64() % 8 == 0, "unaligned 64-bit write at {addr:?}");
+        debug_assert!(
+            addr.as_u64().is_multiple_of(8),
+            "unaligned 64-bit write at {addr:?}"
+        );
         self.write_word(addr.as_u64(), value);
         if self.track_flushes.get() {
             self.unflushed.borrow_mut().insert(addr.as_u64(), ());
