@@ -32,6 +32,11 @@ const SCENARIOS: &[Scenario] = &[
         what: "a deliberate CPU exception is reported with its reason",
         run: fault,
     },
+    Scenario {
+        name: "acpi-dump",
+        what: "print the IOMMU-related ACPI tables as hex, for host-test fixtures",
+        run: acpi_dump,
+    },
 ];
 
 pub fn run(platform: Platform) -> ! {
@@ -133,6 +138,34 @@ fn boot(platform: &Platform) -> Outcome {
     let (used, free) = sluice_kernel::memory::heap::usage();
     info!("heap: {} KiB used, {} KiB free", used / 1024, free / 1024);
     Ok(())
+}
+
+/// Prints `ACPI-DUMP <signature> <hex>` for each table the IOMMU and PCI
+/// code parses; `qemu-tests/dump-acpi.sh` turns these into fixture files.
+fn acpi_dump(platform: &Platform) -> Outcome {
+    use sluice_kernel::acpi_tables::{RawDmar, RawIort, RawMadt, RawMcfg, RawSpcr};
+    let acpi = platform.acpi.as_ref().ok_or("no ACPI tables")?;
+    let tables = [
+        ("DMAR", acpi.raw::<RawDmar>()),
+        ("IORT", acpi.raw::<RawIort>()),
+        ("MCFG", acpi.raw::<RawMcfg>()),
+        ("APIC", acpi.raw::<RawMadt>()),
+        ("SPCR", acpi.raw::<RawSpcr>()),
+    ];
+    let mut dumped = 0;
+    for (signature, bytes) in tables {
+        let Some(bytes) = bytes else { continue };
+        let mut hex = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            use core::fmt::Write;
+            let _ = write!(hex, "{b:02x}");
+        }
+        println!("ACPI-DUMP {signature} {hex}");
+        dumped += 1;
+    }
+    check(dumped > 0, || {
+        String::from("none of DMAR, IORT, MCFG, APIC, SPCR was found")
+    })
 }
 
 fn fault(_platform: &Platform) -> Outcome {
