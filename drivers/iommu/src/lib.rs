@@ -8,3 +8,4 @@ extern crate alloc;
 pub mod acpi;
 pub mod association;
 pub mod pagetable;
+pub mod vtd;
