@@ -24,4 +24,6 @@ pub mod console;
 #[cfg(target_os = "uefi")]
 pub mod fatal;
 #[cfg(target_os = "uefi")]
+pub mod hw;
+#[cfg(target_os = "uefi")]
 pub mod platform;

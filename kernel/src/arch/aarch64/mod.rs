@@ -65,3 +65,22 @@ pub fn disable_interrupts() {
     // SAFETY: masking DAIF only masks exceptions.
     unsafe { asm!("msr daifset, #0xf", options(nomem, nostack)) };
 }
+
+/// Cleans `[start, start + len)` to the point of coherency, for SMMUs whose
+/// table walks are not coherent (IDR0.COHACC = 0): DC CVAC per line (line
+/// size from CTR_EL0.DminLine), then DSB so the cleans complete first.
+pub fn clean_dcache_range(start: u64, len: u64) {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effects.
+    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    let line = 4u64 << ((ctr >> 16) & 0xf);
+    let mut address = start & !(line - 1);
+    let end = start.saturating_add(len);
+    while address < end {
+        // SAFETY: cleaning identity-mapped RAM to PoC only affects caches.
+        unsafe { asm!("dc cvac, {}", in(reg) address, options(nostack, preserves_flags)) };
+        address += line;
+    }
+    // SAFETY: DSB only orders memory operations.
+    unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
+}

@@ -111,3 +111,21 @@ pub fn disable_interrupts() {
     // SAFETY: CLI only masks maskable interrupts.
     unsafe { asm!("cli", options(nomem, nostack)) };
 }
+
+/// Writes back the cache lines of `[start, start + len)` to memory, for
+/// agents that do not snoop (VT-d ECAP.C = 0): CLFLUSH each 64-byte line,
+/// then MFENCE so the flushes complete before the structures are published
+/// (Intel SDM vol. 2, CLFLUSH: ordered by MFENCE).
+pub fn clean_dcache_range(start: u64, len: u64) {
+    const LINE: u64 = 64;
+    let mut line = start & !(LINE - 1);
+    let end = start.saturating_add(len);
+    while line < end {
+        // SAFETY: CLFLUSH of identity-mapped RAM has no architectural effect
+        // beyond the cache.
+        unsafe { asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags)) };
+        line += LINE;
+    }
+    // SAFETY: MFENCE only orders memory operations.
+    unsafe { asm!("mfence", options(nostack, preserves_flags)) };
+}
