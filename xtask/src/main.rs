@@ -22,7 +22,12 @@ const NO_SLUICE_STATUS: u8 = 125;
 const XTASK_ERROR: u8 = 100;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Sluice's developer commands", version)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Sluice's developer commands",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Task,
