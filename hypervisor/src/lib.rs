@@ -2,3 +2,6 @@
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
+
+pub mod iommufd;
+pub mod testing;
