@@ -7,6 +7,10 @@
 #![cfg_attr(target_os = "uefi", no_std, no_main)]
 
 #[cfg(target_os = "uefi")]
+mod edu;
+#[cfg(target_os = "uefi")]
+mod pci;
+#[cfg(target_os = "uefi")]
 mod scenarios;
 #[cfg(target_os = "uefi")]
 mod uefi_entry;

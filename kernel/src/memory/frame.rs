@@ -73,6 +73,17 @@ impl FrameAllocator {
     /// `frames` contiguous frames aligned to `align` bytes (a power of two,
     /// at least 4 KiB).
     pub fn allocate(&mut self, frames: u64, align: u64) -> Result<u64, FrameError> {
+        self.allocate_below(frames, align, u64::MAX)
+    }
+
+    /// Like [`FrameAllocator::allocate`], with the whole allocation below
+    /// `limit` (for devices that can only address low memory).
+    pub fn allocate_below(
+        &mut self,
+        frames: u64,
+        align: u64,
+        limit: u64,
+    ) -> Result<u64, FrameError> {
         let align = align.max(FRAME_SIZE);
         if frames == 0 || !align.is_power_of_two() {
             return Err(FrameError::BadRequest);
@@ -88,7 +99,7 @@ impl FrameAllocator {
             let Some(alloc_end) = aligned.checked_add(bytes) else {
                 continue;
             };
-            if alloc_end > end {
+            if alloc_end > end || alloc_end > limit {
                 continue;
             }
             // Split the range around the allocation.
@@ -227,6 +238,21 @@ mod tests {
         assert!(matches!(
             fa.free(!0xfff, 2),
             Err(FrameError::BadFree { .. })
+        ));
+    }
+
+    #[test]
+    fn allocate_below_respects_the_limit() {
+        let mut fa = FrameAllocator::from_memory_map(&map());
+        assert_eq!(fa.allocate_below(1, 4096, 0x20_2000).unwrap(), 0x1000);
+        let low = fa.allocate_below(2, 4096, 0x20_2000).unwrap();
+        assert_eq!(low, 0x2000, "the low range still has room");
+        while fa.allocate_below(1, 4096, 0x10_0000).is_ok() {}
+        let got = fa.allocate_below(1, 4096, 0x20_2000).unwrap();
+        assert!(got + 4096 <= 0x20_2000, "{got:#x} ends above the limit");
+        assert!(matches!(
+            fa.allocate_below(4, 4096, 0x20_2000),
+            Err(FrameError::Exhausted { .. })
         ));
     }
 

@@ -1,0 +1,81 @@
+//! PCI discovery on the real machine: ECAM windows from MCFG, reached
+//! through Sluice's identity map, and enumeration of every segment.
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use log::{info, warn};
+use sluice_kernel::acpi_tables::{Acpi, RawMcfg};
+use sluice_kernel::hw::PhysMmio;
+use sluice_pci::config::ConfigSpace;
+use sluice_pci::mcfg::parse_mcfg;
+use sluice_pci::{Ecam, EcamWindow, PciAddress, Topology, enumerate};
+
+pub struct Pci {
+    pub ecam: Ecam<PhysMmio>,
+    pub segments: Vec<Topology>,
+}
+
+impl Pci {
+    pub fn functions(&self) -> impl Iterator<Item = &sluice_pci::Function> {
+        self.segments.iter().flat_map(|t| t.functions.iter())
+    }
+
+    /// Sets memory decode and bus mastering in COMMAND so the device can
+    /// answer MMIO and issue DMA.
+    pub fn enable_memory_and_bus_master(&self, addr: PciAddress) -> Result<(), String> {
+        const COMMAND: u16 = 0x04;
+        let command = self
+            .ecam
+            .read16(addr, COMMAND)
+            .map_err(|e| format!("{e:?}"))?;
+        self.ecam
+            .write16(addr, COMMAND, command | 0x2 | 0x4)
+            .map_err(|e| format!("{e:?}"))
+    }
+}
+
+pub fn discover(acpi: &Acpi) -> Result<Pci, String> {
+    let bytes = acpi
+        .raw::<RawMcfg>()
+        .ok_or("firmware has no MCFG table, so PCI Express configuration space is unknown")?;
+    let mcfg = parse_mcfg(bytes).map_err(|e| format!("MCFG is malformed: {e:?}"))?;
+    for problem in &mcfg.errors {
+        warn!("pci: MCFG entry ignored: {problem:?}");
+    }
+    let mut windows = Vec::new();
+    for entry in &mcfg.entries {
+        let Some((start, length)) = entry.mapped_range() else {
+            warn!(
+                "pci: MCFG entry for segment {} has an unusable bus range",
+                entry.segment.0
+            );
+            continue;
+        };
+        info!(
+            "pci: ECAM segment {:04x} buses {:02x}-{:02x} at {:#x}",
+            entry.segment.0, entry.start_bus, entry.end_bus, start
+        );
+        // SAFETY: MCFG describes this range as the segment's ECAM window.
+        let mmio = unsafe { PhysMmio::new(start, length) };
+        windows.push(EcamWindow::from_mcfg(entry, mmio));
+    }
+    let ecam = Ecam::new(windows);
+    let segments = mcfg
+        .entries
+        .iter()
+        .map(|e| enumerate(&ecam, e.segment, &[e.start_bus], e.start_bus..=e.end_bus))
+        .collect::<Vec<_>>();
+    for topology in &segments {
+        for problem in &topology.errors {
+            warn!(
+                "pci: part of segment {:04x} was not scanned: {problem:?}",
+                topology.segment.0
+            );
+        }
+    }
+    Ok(Pci { ecam, segments })
+}
