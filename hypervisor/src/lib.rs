@@ -4,4 +4,7 @@
 extern crate alloc;
 
 pub mod iommufd;
+pub mod passthrough;
 pub mod testing;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,1 @@
+//! Device passthrough: the emulated PCI configuration space a guest sees.

@@ -1,0 +1,1 @@
+//! Virtual machines: configuration, guest memory and guest boot.
