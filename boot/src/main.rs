@@ -12,6 +12,8 @@ mod edu;
 mod pci;
 #[cfg(target_os = "uefi")]
 mod scenarios;
+#[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
+mod svm_smoke;
 #[cfg(target_os = "uefi")]
 mod uefi_entry;
 

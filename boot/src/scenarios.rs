@@ -42,6 +42,12 @@ const SCENARIOS: &[Scenario] = &[
         what: "edu DMA without translation moves bytes both ways (baseline for the IOMMU scenarios)",
         run: edu_dma,
     },
+    #[cfg(target_arch = "x86_64")]
+    Scenario {
+        name: "svm",
+        what: "VMRUN runs 64-bit guest code and its VMMCALL, CPUID and HLT exits are handled",
+        run: crate::svm_smoke::run,
+    },
     Scenario {
         name: "acpi-dump",
         what: "print the IOMMU-related ACPI tables as hex, for host-test fixtures",

@@ -3,6 +3,7 @@
 pub mod exceptions;
 pub mod gdt;
 pub mod paging;
+pub mod svm;
 
 use core::arch::asm;
 
