@@ -152,6 +152,13 @@ fn map_error_rules() {
         p.map(VM, ioas, u64::MAX - 0xfff, 0x2000, None, RW),
         Err(errno::EOVERFLOW)
     );
+    // All-ones IOVA or length: EOVERFLOW before anything else.
+    assert_eq!(p.map(VM, 99, 0, u64::MAX, None, 0), Err(errno::EOVERFLOW));
+    assert_eq!(
+        p.map(VM, ioas, 0, 0x1000, Some(u64::MAX), FIXED),
+        Err(errno::EOVERFLOW)
+    );
+    assert_eq!(p.unmap(VM, ioas, 0x1000, u64::MAX), Err(errno::EOVERFLOW));
     // Unaligned.
     assert_eq!(p.map(VM, ioas, 0x10, 0x1000, None, RW), Err(errno::EINVAL));
     assert_eq!(

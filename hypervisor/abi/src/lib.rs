@@ -297,10 +297,10 @@ macro_rules! le_field {
         }
     };
 }
-le_field!(u8, "__u8");
-le_field!(u16, "__u16");
-le_field!(u32, "__u32");
-le_field!(u64, "__u64");
+le_field!(u8, "uint8_t");
+le_field!(u16, "uint16_t");
+le_field!(u32, "uint32_t");
+le_field!(u64, "uint64_t");
 
 macro_rules! abi_struct {
     (
@@ -643,6 +643,15 @@ fn write_struct<T: AbiStruct>(out: &mut dyn fmt::Write) -> fmt::Result {
         writeln!(out, "\t{} {};", f.c_type, f.name)?;
     }
     writeln!(out, "}};")?;
+    for f in T::FIELDS {
+        writeln!(
+            out,
+            "_Static_assert(offsetof(struct sluice_{}, {}) == {}, \"ABI offset\");",
+            T::C_NAME,
+            f.name,
+            f.offset
+        )?;
+    }
     writeln!(
         out,
         "_Static_assert(sizeof(struct sluice_{}) == {}, \"ABI size\");\n",
@@ -665,7 +674,7 @@ pub fn write_c_header(out: &mut dyn fmt::Write) -> fmt::Result {
         "/* SPDX-License-Identifier: MIT OR Apache-2.0 */\n\
          /* Generated from the sluice-abi crate: do not edit. */\n\
          #ifndef SLUICE_HYPERCALL_H\n#define SLUICE_HYPERCALL_H\n\n\
-         #include <linux/types.h>\n"
+         #include <stddef.h>\n#include <stdint.h>\n"
     )?;
     writeln!(
         out,

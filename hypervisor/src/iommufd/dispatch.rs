@@ -277,9 +277,6 @@ impl<B: IommuBackend> Iommufd<B> {
                     return Err(Error::Invalid("data with data type NONE"));
                 }
                 let fault = (h.flags & hwpt_flags::FAULT_ID_VALID != 0).then_some(h.fault_id);
-                if fault.is_none() && h.fault_id != 0 {
-                    return Err(Error::Invalid("fault_id without FAULT_ID_VALID"));
-                }
                 let id = self.hwpt_alloc(
                     vm,
                     h.dev_id,

@@ -601,11 +601,15 @@ impl<B: IommuBackend> Iommufd<B> {
         fixed_iova: Option<u64>,
         prot: Prot,
     ) -> Result<u64, Error> {
-        let v = self.vm(vm)?;
-        v.ioas(ioas_id)?;
+        // iommufd checks the raw values first: an IOVA or length of all ones
+        // can never be valid.
+        if fixed_iova == Some(u64::MAX) || length == u64::MAX {
+            return Err(Error::Overflow);
+        }
         if !prot.read && !prot.write {
             return Err(Error::Invalid("mapping with neither read nor write"));
         }
+        self.vm(vm)?.ioas(ioas_id)?;
         if length == 0 {
             return Err(Error::Invalid("zero length"));
         }
@@ -678,6 +682,9 @@ impl<B: IommuBackend> Iommufd<B> {
         let span = if all {
             (0, u64::MAX)
         } else {
+            if iova == u64::MAX || length == u64::MAX {
+                return Err(Error::Overflow);
+            }
             if length == 0 {
                 return Err(Error::Invalid("zero length"));
             }
@@ -727,6 +734,9 @@ impl<B: IommuBackend> Iommufd<B> {
         fixed_dst_iova: Option<u64>,
         prot: Prot,
     ) -> Result<u64, Error> {
+        if fixed_dst_iova == Some(u64::MAX) || src_iova == u64::MAX || length == u64::MAX {
+            return Err(Error::Overflow);
+        }
         let v = self.vm(vm)?;
         v.ioas(dst_ioas)?;
         let src = v.ioas(src_ioas)?;
