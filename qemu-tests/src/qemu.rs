@@ -331,7 +331,7 @@ pub fn copy_padded(src: &Path, dst: &Path, size: u64) -> io::Result<()> {
 
 /// QEMU devices the demo (`cargo xtask run` without a scenario) boots with:
 /// the `edu` DMA device, so the IOMMU has something to isolate.
-pub const DEMO_DEVICES: &[&str] = &["-device", "edu"];
+pub const DEMO_DEVICES: &[&str] = crate::scenarios::EDU;
 
 /// One boot to prepare: a scenario's or the demo's, possibly with the
 /// user's overrides from `cargo xtask run`.

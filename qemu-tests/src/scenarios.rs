@@ -99,7 +99,26 @@ pub const SCENARIOS: &[Scenario] = &[
         },
         ..Scenario::DEFAULT
     },
+    // PCI Express enumeration through ECAM finds the board's devices, edu among them.
+    Scenario {
+        name: "pci",
+        cmdline: "test=pci",
+        qemu_args: EDU,
+        ..Scenario::DEFAULT
+    },
+    // edu DMA without translation moves bytes both ways: the baseline for
+    // the IOMMU scenarios.
+    Scenario {
+        name: "edu-dma",
+        cmdline: "test=edu-dma",
+        qemu_args: EDU,
+        ..Scenario::DEFAULT
+    },
 ];
+
+/// One `edu` DMA device with its DMA mask raised from 28 to 64 bits: virt's
+/// RAM starts at 1 GiB, beyond what the default mask reaches.
+pub const EDU: &[&str] = &["-device", "edu,dma_mask=0xffffffffffffffff"];
 
 /// The scenario called `name`, if the table has one.
 pub fn find(name: &str) -> Option<&'static Scenario> {

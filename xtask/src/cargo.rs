@@ -93,14 +93,14 @@ pub fn build_boot(arch: Arch, release: bool, target_dir: &Path) -> Result<PathBu
         command.arg("--release");
     }
     let profile = if release { "release" } else { "debug" };
-    run(
-        command,
-        &format!(
-            "cargo build -p sluice-boot --target {}{}",
-            arch.uefi_target(),
-            if release { " --release" } else { "" }
-        ),
-    )?;
+    let what = format!(
+        "cargo build -p sluice-boot --target {}{}",
+        arch.uefi_target(),
+        if release { " --release" } else { "" }
+    );
+    // A failed build is xtask's failure (status 100), never to be taken for
+    // Sluice's exit code 1 by someone scripting `cargo xtask run`.
+    run(command, &what).map_err(|err| XtaskError::new(err.message))?;
     let efi = target_dir
         .join(arch.uefi_target())
         .join(profile)
