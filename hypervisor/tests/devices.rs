@@ -81,7 +81,11 @@ fn bind_rules() {
         .device(DeviceSetup::new(VM, C).group(2))
         // Group 2 is split between two VMs.
         .device(DeviceSetup::new(OTHER, A).group(2))
+        // Group 3 has a member the host keeps.
+        .device(DeviceSetup::new(VM, abi::bdf(0, 0, 9, 0)).group(3))
+        .host_device(3)
         .build();
+    assert_eq!(p.bind(VM, abi::bdf(0, 0, 9, 0)), Err(errno::EPERM));
     // Not assigned to this VM: ENODEV.
     assert_eq!(p.bind(VM, abi::bdf(0, 9, 0, 0)), Err(errno::ENODEV));
     // A group member in another VM: EPERM, for both VMs.

@@ -122,7 +122,7 @@ impl<B: IommuBackend> Iommufd<B> {
             .values()
             .filter(|a| a.info.group == group)
             .collect();
-        if members.iter().any(|a| a.vm != vm) {
+        if members.iter().any(|a| a.vm != vm) || self.host_devices.values().any(|&g| g == group) {
             return Err(Error::NotPermitted(
                 "another device of the group is not assigned to this VM",
             ));

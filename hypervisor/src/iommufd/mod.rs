@@ -268,6 +268,9 @@ pub struct Iommufd<B: IommuBackend> {
     msi_window: Option<Span>,
     vms: BTreeMap<VmId, Vm>,
     assignments: BTreeMap<DeviceId, Assignment>,
+    /// Devices the host keeps (not assigned to any VM), by IOMMU group: a
+    /// VM may not bind a device whose group contains one.
+    host_devices: BTreeMap<DeviceId, u32>,
 }
 
 /// What `DEVICE_BIND` returns.
@@ -474,7 +477,13 @@ impl<B: IommuBackend> Iommufd<B> {
             msi_window,
             vms: BTreeMap::new(),
             assignments: BTreeMap::new(),
+            host_devices: BTreeMap::new(),
         }
+    }
+
+    /// Records that the host keeps `device`, a member of IOMMU `group`.
+    pub fn declare_host_device(&mut self, device: DeviceId, group: u32) {
+        self.host_devices.insert(device, group);
     }
 
     pub fn backend(&self) -> &B {

@@ -248,6 +248,7 @@ impl DeviceSetup {
 pub struct PlatformBuilder {
     vms: Vec<(VmId, VmSetup)>,
     devices: Vec<DeviceSetup>,
+    host_devices: Vec<u32>,
     no_msi_window: bool,
 }
 
@@ -258,6 +259,11 @@ impl PlatformBuilder {
     }
     pub fn device(mut self, device: DeviceSetup) -> Self {
         self.devices.push(device);
+        self
+    }
+    /// A device the host keeps, in IOMMU `group`.
+    pub fn host_device(mut self, group: u32) -> Self {
+        self.host_devices.push(group);
         self
     }
     /// No MSI window (as on an SMMU without a software MSI region).
@@ -283,6 +289,9 @@ impl PlatformBuilder {
             Some(X86_MSI_WINDOW)
         };
         let mut iommufd = Iommufd::new(mock, msi);
+        for (n, &group) in self.host_devices.iter().enumerate() {
+            iommufd.declare_host_device(DeviceId(0x1_0000 + n as u32), group);
+        }
         let mut vms = BTreeMap::new();
         for (index, (vm, setup)) in self.vms.into_iter().enumerate() {
             iommufd
