@@ -125,6 +125,7 @@ pub struct ArmStage1 {
     levels: u8,
     input_bits: u32,
     output_bits: u32,
+    bbm_level2: bool,
 }
 
 /// The level count for an input size (TnSZ = 64 - input_bits): 4 levels
@@ -150,7 +151,16 @@ impl ArmStage1 {
             levels,
             input_bits,
             output_bits,
+            bbm_level2: false,
         })
+    }
+
+    /// The walker tolerates a block being replaced by an equivalent table
+    /// without break-before-make (SMMU_IDR3.BBML = 2, or FEAT_BBM level 2
+    /// for the CPU), so splits need no TLB invalidation in between.
+    pub const fn with_bbm_level2(mut self) -> Self {
+        self.bbm_level2 = true;
+        self
     }
 }
 
@@ -213,6 +223,9 @@ impl PageTableFormat for ArmStage1 {
                 not_global: raw & LpaeS1Entry::NOT_GLOBAL != 0,
             },
         }
+    }
+    fn split_needs_break_before_make(&self) -> bool {
+        !self.bbm_level2
     }
     fn walk_params(&self) -> WalkParams {
         WalkParams {
@@ -288,6 +301,7 @@ pub struct ArmStage2 {
     levels: u8,
     input_bits: u32,
     output_bits: u32,
+    bbm_level2: bool,
 }
 
 impl ArmStage2 {
@@ -302,7 +316,16 @@ impl ArmStage2 {
             levels,
             input_bits,
             output_bits,
+            bbm_level2: false,
         })
+    }
+
+    /// The walker tolerates a block being replaced by an equivalent table
+    /// without break-before-make (SMMU_IDR3.BBML = 2, or FEAT_BBM level 2
+    /// for the CPU), so splits need no TLB invalidation in between.
+    pub const fn with_bbm_level2(mut self) -> Self {
+        self.bbm_level2 = true;
+        self
     }
 }
 
@@ -361,6 +384,9 @@ impl PageTableFormat for ArmStage2 {
                     .unwrap_or_default(),
             },
         }
+    }
+    fn split_needs_break_before_make(&self) -> bool {
+        !self.bbm_level2
     }
     fn walk_params(&self) -> WalkParams {
         WalkParams {

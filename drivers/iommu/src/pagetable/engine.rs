@@ -5,7 +5,7 @@ use alloc::vec::Vec;
 use sluice_hal::{DmaMemory, PAGE_SIZE, PhysAddr};
 
 use super::format::{Decoded, PageTableFormat};
-use super::invalidation::{ChangeKind, Invalidation, PendingFree};
+use super::invalidation::{ChangeKind, Invalidation, IovaRange, PendingFree};
 use super::{
     ENTRIES_PER_TABLE, MapPerms, PageSize, PageTableError, Translation, level_index, level_size,
 };
@@ -52,6 +52,15 @@ pub struct IoPageTable<'m, F: PageTableFormat, M: DmaMemory + ?Sized = dyn DmaMe
     coherent: bool,
     /// Table pages currently linked into the table, root included.
     tables: usize,
+}
+
+/// The state of one unmap call.
+struct UnmapJob<'h> {
+    /// Tables allocated up front for superpage splits.
+    pool: Vec<PhysAddr>,
+    inv: Invalidation,
+    /// Set for formats that need break-before-make on splits.
+    break_hook: Option<&'h mut dyn FnMut(IovaRange)>,
 }
 
 /// The parts of a map request every level needs.
@@ -173,23 +182,53 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
     /// split so the rest keeps translating as before; tables left empty are
     /// unlinked and handed to the returned [`Invalidation`] for freeing after
     /// invalidation. If a split cannot allocate its table, nothing changes.
+    ///
+    /// Formats whose splits need break-before-make
+    /// ([`PageTableFormat::split_needs_break_before_make`]) refuse a split
+    /// here with [`PageTableError::NeedsBreakBeforeMake`] (nothing changed);
+    /// use [`IoPageTable::unmap_with_break`] for them.
     pub fn unmap(&mut self, iova: u64, len: u64) -> Result<Invalidation, PageTableError> {
+        self.unmap_inner(iova, len, None)
+    }
+
+    /// [`IoPageTable::unmap`] with break-before-make for superpage splits:
+    /// the superpage entry is first made invalid (and flushed for a
+    /// non-coherent walker), then `invalidate` is called with the
+    /// superpage's IOVA range and must invalidate it in every TLB and wait
+    /// for completion, and only then is the table of smaller leaves linked
+    /// (Arm ARM DDI 0487 D8.14.1 "break-before-make" for block-to-table
+    /// changes; SMMUv3 IHI 0070 3.21.1 without SMMU_IDR3.BBML = 2). While
+    /// that happens, accesses to the rest of the superpage fault.
+    pub fn unmap_with_break(
+        &mut self,
+        iova: u64,
+        len: u64,
+        invalidate: &mut dyn FnMut(IovaRange),
+    ) -> Result<Invalidation, PageTableError> {
+        self.unmap_inner(iova, len, Some(invalidate))
+    }
+
+    fn unmap_inner(
+        &mut self,
+        iova: u64,
+        len: u64,
+        break_hook: Option<&mut dyn FnMut(IovaRange)>,
+    ) -> Result<Invalidation, PageTableError> {
         let end = self.check_iova_range(iova, len)?;
         let needed = self.count_split_tables(self.root, self.root_level, iova, end);
-        let mut pool = self.allocate_pool(needed)?;
-        let mut inv = Invalidation::new(ChangeKind::Unmapped);
-        self.unmap_from(
-            self.root,
-            self.root_level,
-            iova,
-            end,
-            true,
-            &mut pool,
-            &mut inv,
-        );
-        debug_assert!(pool.is_empty(), "unmap used fewer tables than counted");
-        self.free_pool(pool);
-        Ok(inv)
+        let break_before_make = self.format.split_needs_break_before_make();
+        if needed > 0 && break_before_make && break_hook.is_none() {
+            return Err(PageTableError::NeedsBreakBeforeMake);
+        }
+        let mut job = UnmapJob {
+            pool: self.allocate_pool(needed)?,
+            inv: Invalidation::new(ChangeKind::Unmapped),
+            break_hook: if break_before_make { break_hook } else { None },
+        };
+        self.unmap_from(self.root, self.root_level, iova, end, true, &mut job);
+        debug_assert!(job.pool.is_empty(), "unmap used fewer tables than counted");
+        self.free_pool(core::mem::take(&mut job.pool));
+        Ok(job.inv)
     }
 
     /// What `iova` translates to, or `None` if it is not mapped (or beyond
@@ -437,16 +476,17 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
     }
 
     /// Clears every mapped page of `[start, end)` below `table`.
-    #[allow(clippy::too_many_arguments)]
+    /// `published` is false for a split table not linked yet: its caller
+    /// flushes it whole, and hardware cannot see it, so it needs neither
+    /// per-entry flushes nor break-before-make.
     fn unmap_from(
         &mut self,
         table: PhysAddr,
         level: u8,
         start: u64,
         end: u64,
-        flush: bool,
-        pool: &mut Vec<PhysAddr>,
-        inv: &mut Invalidation,
+        published: bool,
+        job: &mut UnmapJob<'_>,
     ) {
         let size = level_size(level);
         let mut written: Option<(u64, u64)> = None;
@@ -464,15 +504,15 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
                 Decoded::Leaf { .. } if whole || level == 0 => {
                     self.write(table, index, 0);
                     widen(&mut written, index);
-                    inv.record(entry_start, size, size);
+                    job.inv.record(entry_start, size, size);
                 }
                 Decoded::Table(_) if level == 0 => {
                     self.write(table, index, 0);
                     widen(&mut written, index);
-                    inv.record(entry_start, size, size);
+                    job.inv.record(entry_start, size, size);
                 }
                 Decoded::Leaf { phys, perms, attrs } => {
-                    let Some(split) = pool.pop() else {
+                    let Some(split) = job.pool.pop() else {
                         debug_assert!(false, "unmap ran out of pre-allocated tables");
                         return;
                     };
@@ -483,34 +523,41 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
                         let entry = self.format.leaf_entry(level - 1, child_phys, perms, &attrs);
                         self.write(split, i, entry | kept);
                     }
-                    self.unmap_from(split, level - 1, iova, entry_end, false, pool, inv);
+                    self.unmap_from(split, level - 1, iova, entry_end, false, job);
                     self.flush_page(split);
+                    if published && let Some(hook) = job.break_hook.as_mut() {
+                        // Break: the superpage becomes invalid and every TLB
+                        // forgets it before the table is linked.
+                        self.write(table, index, 0);
+                        self.flush_entries(table, index, index);
+                        hook(IovaRange::new(entry_start, entry_start + size));
+                    }
                     self.write(table, index, self.format.table_entry(level, split));
                     widen(&mut written, index);
                     self.tables += 1;
-                    inv.superpage_split = true;
-                    inv.touch_leaf(size);
+                    job.inv.superpage_split = true;
+                    job.inv.touch_leaf(size);
                 }
                 Decoded::Table(child) if whole => {
-                    self.detach(child, level - 1, entry_start, inv);
+                    self.detach(child, level - 1, entry_start, &mut job.inv);
                     self.write(table, index, 0);
                     widen(&mut written, index);
-                    inv.tables_freed = true;
+                    job.inv.tables_freed = true;
                 }
                 Decoded::Table(child) => {
-                    self.unmap_from(child, level - 1, iova, entry_end, true, pool, inv);
+                    self.unmap_from(child, level - 1, iova, entry_end, true, job);
                     if self.is_empty(child, level - 1) {
                         self.write(table, index, 0);
                         widen(&mut written, index);
-                        inv.pending.push(child);
+                        job.inv.pending.push(child);
                         self.tables -= 1;
-                        inv.tables_freed = true;
+                        job.inv.tables_freed = true;
                     }
                 }
             }
             iova = entry_end;
         }
-        if let (Some((first, last)), true) = (written, flush) {
+        if let (Some((first, last)), true) = (written, published) {
             self.flush_entries(table, first, last);
         }
     }

@@ -65,6 +65,12 @@ pub trait PageTableFormat {
     fn hardware_managed_bits(&self) -> u64 {
         0
     }
+    /// Whether replacing a superpage leaf by a table (a split) must go
+    /// through an invalid entry and a TLB invalidation (Arm
+    /// break-before-make). x86 formats allow the direct replacement.
+    fn split_needs_break_before_make(&self) -> bool {
+        false
+    }
     /// The parameters the independent walker ([`super::walk`]) needs to walk
     /// tables of this format.
     fn walk_params(&self) -> WalkParams;

@@ -160,6 +160,9 @@ pub enum PageTableError {
     InvalidFormat,
     /// A table page could not be allocated.
     OutOfMemory,
+    /// The unmap needs to split a superpage and the format requires
+    /// break-before-make for that: use `unmap_with_break`.
+    NeedsBreakBeforeMake,
 }
 
 impl fmt::Display for PageTableError {
@@ -184,6 +187,9 @@ impl fmt::Display for PageTableError {
             Self::UnsupportedAttributes => f.write_str("memory attributes out of range"),
             Self::InvalidFormat => f.write_str("invalid page-table format parameters"),
             Self::OutOfMemory => f.write_str("out of memory for page tables"),
+            Self::NeedsBreakBeforeMake => {
+                f.write_str("splitting a superpage needs break-before-make with TLB invalidation")
+            }
         }
     }
 }

@@ -6,15 +6,16 @@
 
 use std::vec::Vec;
 
-use sluice_hal::PhysAddr;
 use sluice_hal::model::ModelMemory;
+use sluice_hal::{DmaMemory, PhysAddr};
 
 use super::super::arm::{ArmStage1, ArmStage2};
 use super::super::vtd::{VtdFirstLevel, VtdSecondLevel};
+use super::super::walk::{self, WalkFault};
 use super::super::x86::{AmdNpt, IntelEpt};
 use super::super::{IoPageTable, IovaRange, PageSize, PageTableError, TableConfig, level_size};
 use super::support::{
-    Model, Rng, TestFormat, check_no_leak, check_page, expected_leaf_size, leaves_in,
+    Model, Rng, TestFormat, check_no_leak, check_page, entry_address, expected_leaf_size, leaves_in,
 };
 
 const K4: u64 = 4 << 10;
@@ -206,7 +207,44 @@ pub fn run_random<F: TestFormat>(format: F, config: TableConfig, seed: u64, ops:
             let leaves = leaves_in(&pt, &mem, iova, end);
             let largest = leaves.iter().map(|l| l.1).max().unwrap_or(0);
             let split = leaves.iter().any(|&(s, size)| s < iova || s + size > end);
-            match pt.unmap(iova, len) {
+            let result = if pt.format().split_needs_break_before_make() {
+                if split {
+                    // Without a hook the split is refused, nothing changed.
+                    let refused = pt.unmap(iova, len).map(|_| ());
+                    assert_eq!(refused, Err(PageTableError::NeedsBreakBeforeMake), "{ctx}");
+                    assert_eq!(leaves_in(&pt, &mem, iova, end), leaves, "{ctx}: changed");
+                }
+                let root = pt.root();
+                let params = pt.format().walk_params();
+                let mut broken = Vec::new();
+                let mut hook = |range: IovaRange| {
+                    // The superpage must already be invalid (and flushed).
+                    let w = walk::walk(&mem, &params, root, range.start);
+                    assert!(matches!(w, Err(WalkFault::NotPresent { .. })), "{w:?}");
+                    // ... and the invalid entry visible to a non-coherent
+                    // walker before the TLB invalidation.
+                    let level = ((range.len().trailing_zeros() - 12) / 9) as u8;
+                    let entry = entry_address(&mem, root, params.levels, range.start, level);
+                    assert_eq!(mem.read_u64(entry) & 1, 0);
+                    assert!(!mem.unflushed_words().contains(&entry), "break not flushed");
+                    broken.push((range.start, range.len()));
+                };
+                let result = pt.unmap_with_break(iova, len, &mut hook);
+                if result.is_ok() {
+                    let partial: Vec<(u64, u64)> = leaves
+                        .iter()
+                        .copied()
+                        .filter(|&(s, size)| s < iova || s + size > end)
+                        .collect();
+                    assert_eq!(broken, partial, "{ctx}: break-before-make ranges");
+                } else {
+                    assert!(broken.is_empty(), "{ctx}: failed unmap broke entries");
+                }
+                result
+            } else {
+                pt.unmap(iova, len)
+            };
+            match result {
                 Ok(inv) => {
                     let runs = model.remove(iova, end);
                     assert_eq!(inv.ranges(), runs.as_slice(), "{ctx}: invalidation ranges");
@@ -385,6 +423,14 @@ fn arm_stage1_4_levels_non_coherent() {
     for seed in SEEDS {
         let f = ArmStage1::new(48, 44).unwrap();
         run_random(f, TableConfig::new(PageSize::Size1G, false), seed, OPS);
+    }
+}
+
+#[test]
+fn arm_stage1_4_levels_bbm_level2() {
+    for seed in SEEDS {
+        let f = ArmStage1::new(48, 48).unwrap().with_bbm_level2();
+        run_random(f, coherent(PageSize::Size1G), seed, OPS / 2);
     }
 }
 

@@ -12,7 +12,8 @@ use super::super::vtd::{FirstLevelAttrs, VtdFirstLevel, VtdSecondLevel, VtdSlAtt
 use super::super::walk::{self, WalkFault};
 use super::super::x86::{AmdNpt, EptAttrs, IntelEpt, X86Caching};
 use super::super::{
-    IoPageTable, IovaRange, MapPerms, PageTableFormat, Shareability, X86MemType, level_size,
+    IoPageTable, IovaRange, MapPerms, PageTableFormat, Shareability, X86MemType, level_index,
+    level_size,
 };
 
 /// xorshift64* (Vigna, "An experimental exploration of Marsaglia's
@@ -374,4 +375,26 @@ pub fn expected_leaf_size(iova: u64, start: u64, end: u64, delta: u64, max_level
             block >= start && block + size <= end && delta.is_multiple_of(size)
         })
         .unwrap_or(4096)
+}
+
+/// Address of the entry at `level` that translates `iova`, following table
+/// pointers from the root by raw reads (every format keeps the next-table
+/// address in bits 51:12 and sets nothing above it in table entries).
+pub fn entry_address(
+    mem: &ModelMemory,
+    root: PhysAddr,
+    levels: u8,
+    iova: u64,
+    level: u8,
+) -> PhysAddr {
+    let mut table = root.as_u64();
+    let mut current = levels - 1;
+    loop {
+        let entry = table + level_index(iova, current) * 8;
+        if current == level {
+            return PhysAddr::new(entry);
+        }
+        table = mem.read_u64(PhysAddr::new(entry)) & 0x000f_ffff_ffff_f000;
+        current -= 1;
+    }
 }

@@ -15,7 +15,7 @@ use super::super::{
     IoPageTable, IovaRange, MapPerms, PageSize, PageTableError, PageTableFormat, TableConfig,
     X86MemType,
 };
-use super::support::{TestFormat, check_no_leak, snapshot};
+use super::support::{TestFormat, check_no_leak, entry_address, snapshot};
 
 const K4: u64 = 4 << 10;
 const M2: u64 = 2 << 20;
@@ -505,7 +505,7 @@ where
                 Step::Map(iova, phys, len) => {
                     pt.map(iova, PhysAddr::new(phys), len, perms, F::Attrs::default())
                 }
-                Step::Unmap(iova, len) => pt.unmap(iova, len),
+                Step::Unmap(iova, len) => pt.unmap_with_break(iova, len, &mut |_| {}),
             };
             mem.fail_allocation_after(None);
             match result {
@@ -637,10 +637,20 @@ fn non_coherent_tables_are_flushed_before_publication() {
     let mut pt = IoPageTable::new(&mem, format, TableConfig::new(PageSize::Size1G, false)).unwrap();
     let a = ArmS1Attrs::default();
     let steps = SCRIPT;
+    let mut breaks = 0;
+    let root = pt.root();
     for step in steps {
         let inv = match step {
             Step::Map(iova, phys, len) => pt.map(iova, PhysAddr::new(phys), len, MapPerms::READ, a),
-            Step::Unmap(iova, len) => pt.unmap(iova, len),
+            Step::Unmap(iova, len) => pt.unmap_with_break(iova, len, &mut |range| {
+                // The invalid entry is visible to the walker before the
+                // TLB invalidation this hook stands for.
+                let level = ((range.len().trailing_zeros() - 12) / 9) as u8;
+                let entry = entry_address(&model, root, 4, range.start, level);
+                assert_eq!(model.read_u64(entry), 0);
+                assert!(!model.unflushed_words().contains(&entry));
+                breaks += 1;
+            }),
         }
         .unwrap();
         assert!(
@@ -666,7 +676,7 @@ fn non_coherent_tables_are_flushed_before_publication() {
     for step in steps {
         match step {
             Step::Map(iova, phys, len) => pt.map(iova, PhysAddr::new(phys), len, MapPerms::READ, a),
-            Step::Unmap(iova, len) => pt.unmap(iova, len),
+            Step::Unmap(iova, len) => pt.unmap_with_break(iova, len, &mut |_| {}),
         }
         .unwrap()
         .complete(&coherent);
@@ -822,4 +832,69 @@ fn arm_walker_checks_access_flag_and_user_permissions() {
     );
     mem.write_u64(entry, raw);
     pt.destroy().release(&mem);
+}
+
+#[test]
+fn arm_split_needs_break_before_make() {
+    let mem = ModelMemory::new();
+    let format = ArmStage1::new(48, 48).unwrap();
+    let mut pt = IoPageTable::new(&mem, format, cfg(PageSize::Size1G)).unwrap();
+    let a = ArmS1Attrs::default();
+    pt.map(G1, PhysAddr::new(2 * G1), G1, MapPerms::READ_WRITE, a)
+        .unwrap()
+        .complete(&mem);
+    let before = snapshot(&pt, &mem);
+    let hole = G1 + 5 * M2 + 3 * K4;
+    assert_eq!(
+        pt.unmap(hole, K4).map(|_| ()),
+        Err(PageTableError::NeedsBreakBeforeMake)
+    );
+    assert_eq!(snapshot(&pt, &mem), before);
+    assert_eq!(mem.live_pages(), 2);
+
+    // Unmapping whole blocks needs no break.
+    let params = format.walk_params();
+    let root = pt.root();
+    let mut seen = Vec::new();
+    let inv = pt
+        .unmap_with_break(hole, K4, &mut |range| {
+            let w = walk::walk(&mem, &params, root, G1 + 100 * M2);
+            assert_eq!(
+                w,
+                Err(WalkFault::NotPresent { level: 2 }),
+                "block broken first"
+            );
+            seen.push(range);
+        })
+        .unwrap();
+    assert_eq!(
+        seen,
+        [IovaRange::new(G1, 2 * G1)],
+        "one break: the 1 GiB block"
+    );
+    assert_eq!(inv.ranges(), &[IovaRange::new(hole, hole + K4)]);
+    assert!(inv.superpage_split());
+    inv.complete(&mem);
+    assert_eq!(
+        pt.translate(G1 + 100 * M2).unwrap().phys.as_u64(),
+        2 * G1 + 100 * M2
+    );
+    assert_eq!(pt.translate(hole + K4).unwrap().page_size, K4);
+    assert!(pt.translate(hole).is_none());
+    pt.destroy().release(&mem);
+
+    // With BBM level 2 the split is a single atomic replacement.
+    let mem = ModelMemory::new();
+    let mut pt = IoPageTable::new(&mem, format.with_bbm_level2(), cfg(PageSize::Size1G)).unwrap();
+    pt.map(G1, PhysAddr::new(2 * G1), G1, MapPerms::READ_WRITE, a)
+        .unwrap()
+        .complete(&mem);
+    let inv = pt
+        .unmap_with_break(hole, K4, &mut |_| panic!("no break needed"))
+        .unwrap();
+    assert!(inv.superpage_split());
+    inv.complete(&mem);
+    pt.unmap(G1, G1).unwrap().complete(&mem);
+    pt.destroy().release(&mem);
+    assert_eq!(mem.live_pages(), 0);
 }
