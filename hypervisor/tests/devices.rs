@@ -522,3 +522,46 @@ fn object_quota_gives_enomem_and_loses_nothing() {
         DmaOutcome::Ram { vm: VM, gpa: 0 }
     );
 }
+
+#[test]
+fn hardware_attach_failures_change_nothing() {
+    let mut p = platform();
+    let ioas1 = p.ioas_alloc(VM).unwrap();
+    let ioas2 = p.ioas_alloc(VM).unwrap();
+    let a = p.bind(VM, A).unwrap().dev_id;
+    let b = p.bind(VM, B).unwrap().dev_id;
+    p.map(VM, ioas1, 0x10_0000, 0x1000, Some(0x5000), FIXED)
+        .unwrap();
+    p.map(VM, ioas2, 0x30_0000, 0x1000, Some(0x5000), FIXED)
+        .unwrap();
+    // A failing attach to an IOAS undoes the automatic HWPT it made.
+    p.iommufd.backend_mut().fail_attach_after(Some(0));
+    let before = p.iommufd.snapshot(VM);
+    assert_eq!(p.attach(VM, a, ioas1), Err(errno::EINVAL));
+    assert_eq!(p.iommufd.snapshot(VM), before);
+    assert_eq!(p.iommufd.backend().domain_count(), 0);
+    let h = p.attach(VM, a, ioas1).unwrap();
+    p.attach(VM, b, ioas1).unwrap();
+    // The second device of the group fails to move: the first goes back.
+    p.iommufd.backend_mut().fail_attach_after(Some(1));
+    let before = p.iommufd.snapshot(VM);
+    let live = p.host.live_pages();
+    assert_eq!(p.replace(VM, a, ioas2), Err(errno::EINVAL));
+    assert_eq!(p.iommufd.snapshot(VM), before);
+    assert_eq!(p.host.live_pages(), live);
+    for bdf in [A, B] {
+        let dev = p.device_id(VM, bdf);
+        let domain = before.hwpts.iter().find(|x| x.id == h).unwrap().domain;
+        assert_eq!(
+            p.iommufd.backend().attachment(dev, None),
+            AttachTarget::Domain(domain)
+        );
+        assert_eq!(
+            p.dma(VM, bdf, None, 0x5000, false),
+            DmaOutcome::Ram {
+                vm: VM,
+                gpa: 0x10_0000
+            }
+        );
+    }
+}

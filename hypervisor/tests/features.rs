@@ -463,3 +463,49 @@ fn allocation_failure_sweep() {
     }
     assert!(failures_seen > 10, "the script allocates: {failures_seen}");
 }
+
+#[test]
+fn mapping_and_allowed_range_quotas() {
+    let mut p = Platform::builder()
+        .vm(
+            VM,
+            vm_setup().config(VmConfig {
+                quota: Quota {
+                    max_areas: 2,
+                    max_allowed_ranges: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+        )
+        .device(DeviceSetup::new(VM, S))
+        .build();
+    let a = p.ioas_alloc(VM).unwrap();
+    let b = p.ioas_alloc(VM).unwrap();
+    let d = p.bind(VM, S).unwrap().dev_id;
+    p.attach(VM, d, a).unwrap();
+    p.map(VM, a, 0, 0x1000, Some(0x1000), FIXED).unwrap();
+    // The mapping quota counts over all IOASes of the VM, copies included.
+    p.copy(VM, b, a, 0x1000, 0x1000, Some(0x1000), FIXED)
+        .unwrap();
+    let before = p.iommufd.snapshot(VM);
+    let live = p.host.live_pages();
+    assert_eq!(
+        p.map(VM, a, 0, 0x1000, Some(0x40_0000), FIXED),
+        Err(errno::ENOMEM)
+    );
+    assert_eq!(
+        p.copy(VM, a, b, 0x1000, 0x1000, None, RW),
+        Err(errno::ENOMEM)
+    );
+    assert_eq!(p.iommufd.snapshot(VM), before);
+    assert_eq!(p.host.live_pages(), live);
+    // Destroying an IOAS returns its share.
+    p.destroy(VM, b).unwrap();
+    p.map(VM, a, 0, 0x1000, Some(0x40_0000), FIXED).unwrap();
+    assert_eq!(
+        p.allow_iovas(VM, a, &[(0, 0xfff), (0x10_0000, 0x10_0fff)]),
+        Err(errno::ENOMEM)
+    );
+    assert_eq!(p.allow_iovas(VM, a, &[(0x10_0000, 0x10_0fff)]), Ok(()));
+}

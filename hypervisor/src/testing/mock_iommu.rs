@@ -49,6 +49,8 @@ pub struct MockIommu {
     domains: BTreeMap<DomainId, MockDomain>,
     next_domain: u64,
     faults: Vec<DmaFault>,
+    /// Attaches to a domain that still succeed before one fails.
+    fail_attach_after: Option<u32>,
 }
 
 impl MockIommu {
@@ -59,7 +61,15 @@ impl MockIommu {
             domains: BTreeMap::new(),
             next_domain: 1,
             faults: Vec::new(),
+            fail_attach_after: None,
         }
+    }
+
+    /// Makes the attach to a domain after `successes` more successful ones
+    /// fail (one-shot), as hardware that times out on a context-cache
+    /// invalidation would; attaches to the blocking state never fail.
+    pub fn fail_attach_after(&mut self, successes: Option<u32>) {
+        self.fail_attach_after = successes;
     }
 
     /// Adds a device; it starts in the blocking state.
@@ -343,6 +353,16 @@ impl IommuBackend for MockIommu {
         target: AttachTarget,
     ) -> Result<(), BackendError> {
         let caps = self.caps(device)?;
+        if let AttachTarget::Domain(_) = target {
+            match self.fail_attach_after {
+                Some(0) => {
+                    self.fail_attach_after = None;
+                    return Err(BackendError::Incompatible);
+                }
+                Some(n) => self.fail_attach_after = Some(n - 1),
+                None => {}
+            }
+        }
         if let AttachTarget::Domain(dom) = target {
             let d = self.domains.get(&dom).ok_or(BackendError::Incompatible)?;
             if d.unit != caps.unit
