@@ -5,7 +5,6 @@
 mod common;
 
 #[path = "../fuzz/bodies.rs"]
-#[allow(dead_code)]
 mod bodies;
 
 use sluice_iommu::acpi::{dmar, iort};

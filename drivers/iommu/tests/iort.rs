@@ -482,3 +482,31 @@ fn every_truncation_parses_without_panic() {
         }
     }
 }
+
+#[test]
+fn older_node_revisions_do_not_read_mappings_as_newer_fields() {
+    // A revision-0 root complex: 32-byte fixed part, then one ID mapping.
+    let mut d = Vec::new();
+    d.extend_from_slice(&1u32.to_le_bytes());
+    d.extend_from_slice(&[0; 4]);
+    d.extend_from_slice(&0u32.to_le_bytes()); // ATS
+    d.extend_from_slice(&0u32.to_le_bytes()); // segment
+    let smmu_len = smmuv3(1, 0, 0, 0, [0; 4], 0, 0, &[]).len();
+    let rc = iort_node(2, 0, 2, &d, &[(0x77, 0xff, 0, IORT_FIRST_NODE, 0)]);
+    let smmu = smmuv3(1, 0x1000, 0, 0, [0; 4], 0, 0, &[]);
+    let table = iort_table(0, &[smmu, rc]);
+    let parsed = parse(&table).unwrap();
+    assert_eq!(parsed.errors, vec![]);
+    let NodeKind::RootComplex(rc) = &parsed.nodes[1].kind else {
+        panic!("root complex expected")
+    };
+    assert_eq!(
+        (rc.address_size_limit, rc.pasid_capabilities, rc.flags),
+        (None, None, None)
+    );
+    assert_eq!(parsed.nodes[1].offset, IORT_FIRST_NODE + smmu_len as u32);
+    assert_eq!(
+        parsed.translate_rid(0, 0x80).map(|t| t.smmu),
+        Ok(Some((0, 0x9)))
+    );
+}

@@ -7,6 +7,9 @@
 //! and grouped. The property: no panic, no hang, and the invariants
 //! asserted here.
 
+// Each fuzz target uses only some of the bodies.
+#![allow(dead_code)]
+
 use sluice_pci::bar::size_bars;
 use sluice_pci::caps::{MAX_CAPS, MAX_EXT_CAPS, read_capabilities};
 use sluice_pci::model::{FunctionBuilder, ModelConfigSpace};

@@ -527,6 +527,17 @@ fn parse_node(offset: u32, kind: u8, raw: &[u8], errors: &mut Vec<IortError>) ->
     let u64_at = |o| le_u64(raw, o).unwrap_or(0);
     let mapping_count = u32_at(layout::node::MAPPING_COUNT);
     let mapping_ref = u32_at(layout::node::MAPPING_ARRAY);
+    // Fields added by later node revisions lie between the fixed part and
+    // the ID mapping array; only bytes before that array can hold them, so
+    // an older node's mappings are never misread as newer fields.
+    let fields_end = if mapping_count == 0 {
+        raw.len()
+    } else {
+        usize::try_from(mapping_ref)
+            .unwrap_or(usize::MAX)
+            .min(raw.len())
+    };
+    let fields = &raw[..fields_end.max(minimum)];
     let mappings = if mapping_count == 0 {
         Vec::new()
     } else {
@@ -595,9 +606,9 @@ fn parse_node(offset: u32, kind: u8, raw: &[u8], errors: &mut Vec<IortError>) ->
                 memory_access_flags: u8_at(rc::MEMORY_ACCESS_FLAGS),
                 ats_attribute: u32_at(rc::ATS_ATTRIBUTE),
                 segment: u32_at(rc::SEGMENT),
-                address_size_limit: le_u8(raw, rc::ADDRESS_SIZE_LIMIT),
-                pasid_capabilities: le_u16(raw, rc::PASID_CAPABILITIES),
-                flags: le_u32(raw, rc::FLAGS),
+                address_size_limit: le_u8(fields, rc::ADDRESS_SIZE_LIMIT),
+                pasid_capabilities: le_u16(fields, rc::PASID_CAPABILITIES),
+                flags: le_u32(fields, rc::FLAGS),
             })
         }
         node_type::SMMU => {
@@ -634,9 +645,9 @@ fn parse_node(offset: u32, kind: u8, raw: &[u8], errors: &mut Vec<IortError>) ->
                 pri_gsiv: u32_at(s::PRI_GSIV),
                 gerr_gsiv: u32_at(s::GERR_GSIV),
                 sync_gsiv: u32_at(s::SYNC_GSIV),
-                proximity_domain: le_u32(raw, s::PROXIMITY_DOMAIN)
+                proximity_domain: le_u32(fields, s::PROXIMITY_DOMAIN)
                     .filter(|_| flags.contains(SmmuV3Flags::PROXIMITY_DOMAIN_VALID)),
-                device_id_mapping_index: le_u32(raw, s::DEVICE_ID_MAPPING_INDEX)
+                device_id_mapping_index: le_u32(fields, s::DEVICE_ID_MAPPING_INDEX)
                     .filter(|_| flags.contains(SmmuV3Flags::DEVICE_ID_MAPPING_INDEX_VALID)),
             })
         }
@@ -646,7 +657,7 @@ fn parse_node(offset: u32, kind: u8, raw: &[u8], errors: &mut Vec<IortError>) ->
                 page0_base: u64_at(p::PAGE0_BASE),
                 overflow_gsiv: u32_at(p::OVERFLOW_GSIV),
                 node_reference: u32_at(p::NODE_REFERENCE),
-                page1_base: le_u64(raw, p::PAGE1_BASE),
+                page1_base: le_u64(fields, p::PAGE1_BASE),
             })
         }
         node_type::RMR => {
