@@ -402,3 +402,41 @@ fn iort_rmr_attaches_and_unmapped_rids_are_uncovered() {
         "rmr range=0x80000000-0x80001fff devices=0000:00:01.0"
     );
 }
+
+/// Collects log records so tests can assert on what a lab engineer reads.
+struct CaptureLogger(std::sync::Mutex<Vec<(log::Level, String)>>);
+
+impl log::Log for CaptureLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((record.level(), record.args().to_string()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: CaptureLogger = CaptureLogger(std::sync::Mutex::new(Vec::new()));
+
+#[test]
+fn uncovered_devices_are_logged_as_errors() {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Trace);
+    let table = dmar::parse(include_bytes!("fixtures/qemu/q35-vtd-dmar.bin")).unwrap();
+    let m = ModelConfigSpace::new();
+    m.add(
+        PciAddress::new(0, 0, 0x17, 0),
+        FunctionBuilder::endpoint(0x1af4, 0x1041, 0x020000),
+    );
+    let topo = topology(&m);
+    let a = associate_dmar(&table, &topo, &m);
+    assert_eq!(a.uncovered, vec![PciAddress::new(0, 0, 0x17, 0)]);
+    let logged = LOGGER.0.lock().unwrap().clone();
+    assert!(
+        logged.iter().any(|(level, msg)| *level == log::Level::Error
+            && msg == "pci 0000:00:17.0: no IOMMU translates this device's DMA; it will not be assigned"),
+        "{logged:?}"
+    );
+}

@@ -553,3 +553,28 @@ fn looping_and_wild_extended_capabilities_are_errors() {
     );
     assert!(caps.acs.is_none());
 }
+
+#[test]
+fn ecam_window_from_mcfg_entry_decodes_from_its_start_bus() {
+    let t = mcfg_table(&[(0xe000_0000, 3, 0x40, 0x4f)], &[]);
+    let entry = parse_mcfg(&t).unwrap().entries[0];
+    assert_eq!(
+        entry.mapped_range(),
+        Some((0xe000_0000 + (0x40 << 20), 16 << 20))
+    );
+    let window = FakeWindow::default();
+    // 41:02.0 offset 0 is at (0x41 - 0x40) << 20 | 2 << 15 in the mapped window.
+    window.write32((1 << 20) | (2 << 15), 0x11e8_1234);
+    let ecam = Ecam::new(vec![EcamWindow::from_mcfg(&entry, window)]);
+    assert_eq!(
+        ecam.read32(PciAddress::new(3, 0x41, 2, 0), 0),
+        Ok(0x11e8_1234)
+    );
+    assert_eq!(
+        ecam.read16(PciAddress::new(3, 0x41, 3, 0), 0),
+        Ok(0xffff),
+        "empty slot reads all ones"
+    );
+    let below = PciAddress::new(3, 0x3f, 0, 0);
+    assert_eq!(ecam.read32(below, 0), Err(ConfigError::NoWindow(below)));
+}

@@ -450,7 +450,7 @@ pub fn parse(bytes: &[u8]) -> Result<Dmar, DmarError> {
     let (header, table) = parse_sdt(bytes, DMAR_SIGNATURE, layout::table::FIRST_STRUCTURE)?;
     let mut dmar = Dmar {
         header,
-        host_address_width: table[layout::table::HOST_ADDRESS_WIDTH].wrapping_add(1),
+        host_address_width: table[layout::table::HOST_ADDRESS_WIDTH].saturating_add(1),
         flags: DmarFlags::from_bits_truncate(table[layout::table::FLAGS]),
         drhds: Vec::new(),
         rmrrs: Vec::new(),
