@@ -565,3 +565,47 @@ fn hardware_attach_failures_change_nothing() {
         );
     }
 }
+
+#[test]
+fn malformed_firmware_rmrr_is_refused_at_assignment() {
+    use sluice_hypervisor::iommufd::{AssignedDevice, DeviceId, Error, IommuCaps};
+    let mut p = platform();
+    let caps = IommuCaps {
+        unit: 0,
+        snoop_control: true,
+        interrupt_remapping: true,
+        scalable_mode: false,
+        max_pasid_log2: 0,
+        page_sizes: 1 << 12,
+        input_address_bits: 48,
+    };
+    p.iommufd
+        .backend_mut()
+        .add_device(DeviceId(50), caps, false);
+    let device = |rmrrs, guest_bdf| AssignedDevice {
+        device: DeviceId(50),
+        guest_bdf,
+        group: 9,
+        rmrrs,
+        no_snoop: false,
+        flr: false,
+        pasid_log2: 0,
+    };
+    let fresh = abi::bdf(0, 0, 7, 0);
+    assert_eq!(
+        p.iommufd
+            .assign_device(VM, device(vec![(0xd000_0000, 0xcfff_ffff)], fresh)),
+        Err(Error::Invalid("RMRR with start > last"))
+    );
+    // A guest BDF already used in the VM is refused too.
+    assert!(matches!(
+        p.iommufd.assign_device(VM, device(vec![], A)),
+        Err(Error::Exists(_))
+    ));
+    assert_eq!(p.iommufd.assign_device(VM, device(vec![], fresh)), Ok(()));
+    assert!(matches!(
+        p.iommufd.assign_device(VM, device(vec![], fresh)),
+        Err(Error::Busy(_))
+    ));
+    assert_eq!(p.bind(VM, fresh).map(|b| b.group), Ok(9));
+}

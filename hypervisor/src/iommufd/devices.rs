@@ -426,7 +426,7 @@ impl<B: IommuBackend> Iommufd<B> {
                 "PASID attach needs scalable mode and a PASID-capable device",
             ));
         }
-        if u64::from(pasid) >= 1u64 << width {
+        if width < 32 && u64::from(pasid) >= 1u64 << width {
             return Err(Error::Invalid("PASID beyond the supported width"));
         }
         Ok(())

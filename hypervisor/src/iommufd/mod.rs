@@ -554,6 +554,14 @@ impl<B: IommuBackend> Iommufd<B> {
         if self.assignments.contains_key(&info.device) {
             return Err(Error::Busy("device already assigned"));
         }
+        // RMRRs come from firmware tables: refuse nonsense rather than trust it.
+        if info.rmrrs.iter().any(|&(start, last)| start > last) {
+            log::warn!(
+                "device {}: firmware reserved-memory range with start above end; not assignable",
+                info.device.0
+            );
+            return Err(Error::Invalid("RMRR with start > last"));
+        }
         if self
             .assignments
             .values()
