@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::arch::Arch;
 use crate::judge::{self, Outcome, RawExit};
-use crate::qemu::{BootRequest, Firmware};
+use crate::qemu::{BootLock, BootRequest, Firmware};
 use crate::scenarios::{Expected, Scenario};
 
 /// How many log lines are shown when a scenario does not meet its expectation.
@@ -48,6 +48,7 @@ pub fn run_with_limit(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    die_with_parent(&mut command);
     let start = Instant::now();
     let mut child = command.spawn()?;
     let group = ProcessGroup(child.id());
@@ -80,6 +81,24 @@ pub fn run_with_limit(
         stderr,
         elapsed,
     })
+}
+
+/// QEMU runs in a process group of its own, out of reach of the terminal's
+/// Ctrl-C: have the kernel kill it when we die, however we die.
+fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls prctl(2), which is async-signal-safe and touches no memory.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// The process group of a child started with `process_group(0)`: its id is the child's pid.
@@ -248,6 +267,10 @@ impl Harness {
             Some(Ok(setup)) => setup,
             Some(Err(reason)) => return failed(format!("not run: {reason}")),
             None => return failed(format!("not run: no {arch} setup")),
+        };
+        let _lock = match BootLock::acquire(&self.target_dir, arch, scenario.name) {
+            Ok(lock) => lock,
+            Err(err) => return failed(format!("cannot lock the ESP of {id}: {err}")),
         };
         let config = match BootRequest::for_scenario(arch, scenario).prepare(
             &self.target_dir,

@@ -247,6 +247,52 @@ pub struct BootDisk {
 /// ends at once with "no status" instead of waiting for the time limit.
 const STARTUP_NSH: &str = "echo \"sluice: the firmware fell back to the UEFI shell: the boot file did not load or returned\"\r\nreset -s\r\n";
 
+/// Exclusive use of one ESP directory and variable store while QEMU runs:
+/// several people (or terminals) share one checkout, and two runs of the
+/// same `<arch>-<name>` would otherwise rewrite each other's disk.
+#[derive(Debug)]
+pub struct BootLock {
+    // Held for its open file description: the flock goes with it.
+    _file: fs::File,
+}
+
+impl BootLock {
+    /// Takes the lock of `<target>/esp/<arch>-<run_name>.lock`, waiting (and
+    /// saying so on stderr) while another run holds it.
+    pub fn acquire(target_dir: &Path, arch: Arch, run_name: &str) -> io::Result<BootLock> {
+        use std::os::fd::AsRawFd;
+        let dir = target_dir.join("esp");
+        fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}-{run_name}.lock", arch.name()));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        let fd = file.as_raw_fd();
+        // SAFETY: flock only takes an advisory lock on a descriptor we own
+        // for as long as `file` lives.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(BootLock { _file: file });
+        }
+        eprintln!(
+            "waiting for another run of {}-{run_name} to finish ({})",
+            arch.name(),
+            path.display()
+        );
+        loop {
+            // SAFETY: as above.
+            if unsafe { libc::flock(fd, libc::LOCK_EX) } == 0 {
+                return Ok(BootLock { _file: file });
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
 /// Lays out the ESP for one run (from scratch) and copies the firmware's
 /// variable store. `run_name` is the scenario name or `demo`.
 pub fn prepare_boot_disk(
@@ -489,6 +535,33 @@ mod tests {
         assert!(normalise_cmdline("test=bööt").is_err());
         assert!(normalise_cmdline("a\nb").is_err());
         assert_eq!(normalise_cmdline("").as_deref(), Ok(""));
+    }
+
+    #[test]
+    fn boot_lock_is_exclusive_per_run() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir = std::env::temp_dir().join(format!("sluice-lock-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let held = BootLock::acquire(&dir, Arch::X86_64, "boot").unwrap();
+        // Another run name is independent.
+        drop(BootLock::acquire(&dir, Arch::X86_64, "fault").unwrap());
+        let (tx, rx) = mpsc::channel();
+        let waiter_dir = dir.clone();
+        let waiter = std::thread::spawn(move || {
+            let lock = BootLock::acquire(&waiter_dir, Arch::X86_64, "boot").unwrap();
+            tx.send(()).unwrap();
+            drop(lock);
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the second run must wait"
+        );
+        drop(held);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the second run proceeds once the first is done");
+        waiter.join().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::thread;
 use clap::{Args, Parser, Subcommand};
 use sluice_qemu_tests::harness::{self, ArchSetup, Harness};
 use sluice_qemu_tests::judge::{self, RawExit};
-use sluice_qemu_tests::qemu::{self, BootRequest, QemuConfig};
+use sluice_qemu_tests::qemu::{self, BootLock, BootRequest, QemuConfig};
 use sluice_qemu_tests::{Arch, SCENARIOS, scenarios};
 
 /// Exit status of `run` when Sluice gave none (see [`judge::NO_SLUICE_STATUS`]).
@@ -171,8 +171,9 @@ fn build(arch: Option<Arch>, release: bool) -> Result<u8, XtaskError> {
     Ok(0)
 }
 
-/// Builds Sluice and prepares the boot `args` describe.
-fn prepare_boot(args: &BootArgs) -> Result<QemuConfig, XtaskError> {
+/// Builds Sluice and prepares the boot `args` describe; the lock keeps other
+/// runs of the same `<arch>-<name>` off its ESP until it is dropped.
+fn prepare_boot(args: &BootArgs) -> Result<(QemuConfig, BootLock), XtaskError> {
     let arch = args.arch;
     if arch == Arch::Aarch64 && args.iommu.is_some() {
         return Err(XtaskError::new(qemu::SMMU_HAS_NO_PROPERTIES));
@@ -215,19 +216,26 @@ fn prepare_boot(args: &BootArgs) -> Result<QemuConfig, XtaskError> {
     let (program, firmware) = prereq::for_boot(arch)?;
     let target_dir = cargo::target_dir()?;
     let efi = cargo::build_boot(arch, args.release, &target_dir)?;
-    request
+    let lock = BootLock::acquire(&target_dir, arch, &request.run_name).map_err(|err| {
+        XtaskError::new(format!(
+            "cannot lock the ESP of {arch}-{}: {err}",
+            request.run_name
+        ))
+    })?;
+    let config = request
         .prepare(&target_dir, &efi, &firmware, &program)
-        .map_err(XtaskError::new)
+        .map_err(XtaskError::new)?;
+    Ok((config, lock))
 }
 
 fn qemu_cmd(args: &BootArgs) -> Result<u8, XtaskError> {
-    let config = prepare_boot(args)?;
+    let (config, _lock) = prepare_boot(args)?;
     println!("{}", config.shell_line());
     Ok(0)
 }
 
 fn run(args: &BootArgs) -> Result<u8, XtaskError> {
-    let config = prepare_boot(args)?;
+    let (config, _lock) = prepare_boot(args)?;
     eprintln!("xtask: {}", config.shell_line());
     // The console stays on this terminal; QEMU's own messages are passed on
     // and kept, to tell a QEMU start-up error from a Sluice exit status.
