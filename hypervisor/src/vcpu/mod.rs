@@ -1,1 +1,642 @@
 //! Virtual CPUs: the arch-neutral backend interface and its SVM and VMX implementations.
+//!
+//! A backend (AMD SVM, Intel VMX) turns a hardware exit (a VMCB `EXITCODE`
+//! with its `EXITINFO` fields, or a VMCS exit reason with its
+//! qualification) into one [`VcpuExit`], the only thing the exit handlers
+//! above it look at. What the handlers need back from the backend — the
+//! registers, "skip this instruction", "inject this event", "use this
+//! nested page table" — is the [`VcpuBackend`] trait, shaped so that both
+//! backends implement it and nothing above them changes.
+//!
+//! Instruction lengths: VMX always reports the length of the exiting
+//! instruction (VMCS "VM-exit instruction length"); SVM does only with the
+//! NRIPS feature (VMCB `nRIP`) and for IOIO exits (`EXITINFO2`). QEMU's TCG
+//! emulates SVM without NRIPS, so an [`Exit`] carries the length when the
+//! hardware gave it, and [`decode`] computes it from the guest's code
+//! otherwise.
+
+pub mod decode;
+pub mod hypercall;
+pub mod svm;
+
+use core::fmt;
+
+use sluice_hal::PhysAddr;
+
+/// Width of a port or memory access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AccessSize {
+    Byte = 1,
+    Word = 2,
+    Dword = 4,
+    Qword = 8,
+}
+
+impl AccessSize {
+    pub const fn bytes(self) -> u8 {
+        self as u8
+    }
+
+    /// The size of `bytes` (1, 2, 4 or 8), or `None`.
+    pub const fn from_bytes(bytes: u64) -> Option<Self> {
+        match bytes {
+            1 => Some(Self::Byte),
+            2 => Some(Self::Word),
+            4 => Some(Self::Dword),
+            8 => Some(Self::Qword),
+            _ => None,
+        }
+    }
+
+    /// All ones in the low `bytes()` bytes.
+    pub const fn mask(self) -> u64 {
+        match self {
+            Self::Qword => u64::MAX,
+            _ => (1u64 << (8 * self as u32)) - 1,
+        }
+    }
+}
+
+/// Direction of a port I/O instruction, seen from the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoDirection {
+    /// `IN`/`INS`: the device provides data.
+    In,
+    /// `OUT`/`OUTS`: the CPU provides data.
+    Out,
+}
+
+/// A port I/O exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortIo {
+    pub port: u16,
+    pub size: AccessSize,
+    pub direction: IoDirection,
+    /// `INS`/`OUTS`: data goes through memory at (E/R)SI / (E/R)DI.
+    pub string: bool,
+    /// `REP` prefix: repeated (E/R)CX times.
+    pub rep: bool,
+    /// For a non-string `OUT`, the value written (AL/AX/EAX, masked to the
+    /// size); zero otherwise.
+    pub value: u32,
+}
+
+/// The kind of access that caused a nested page fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AccessKind {
+    Read,
+    Write,
+    Execute,
+}
+
+/// The instruction bytes the hardware fetched for an exit (SVM decode
+/// assists, VMCB offsets 0xD0–0xDF), up to 15 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct InstructionBytes {
+    bytes: [u8; 15],
+    len: u8,
+}
+
+impl InstructionBytes {
+    /// At most 15 bytes are kept.
+    pub fn new(bytes: &[u8]) -> Self {
+        let mut out = Self::default();
+        let n = bytes.len().min(15);
+        out.bytes[..n].copy_from_slice(&bytes[..n]);
+        out.len = n as u8;
+        out
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl fmt::Debug for InstructionBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InstructionBytes({:02x?})", self.as_slice())
+    }
+}
+
+/// Whether an MSR exit was `RDMSR` or `WRMSR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MsrAccess {
+    Read,
+    Write,
+}
+
+/// Why a vCPU stopped running guest code, independent of the architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// A Sluice hypercall (`VMMCALL`/`VMCALL`), with the command and the
+    /// argument register of the ABI ([`sluice_abi::regs`]): x86 `RAX` and
+    /// `RBX`.
+    Hypercall {
+        command: u64,
+        argument: u64,
+    },
+    /// `IN`, `OUT`, `INS`, `OUTS` to an intercepted port.
+    PortIo(PortIo),
+    /// An access to guest-physical memory the nested page table does not
+    /// map (emulated MMIO such as the ECAM window) or maps without this
+    /// access.
+    NestedPageFault {
+        gpa: u64,
+        access: AccessKind,
+        /// The translation existed but forbade the access (a protection
+        /// fault, not a missing page).
+        present: bool,
+        /// The faulting instruction, when the hardware provided it (empty
+        /// otherwise: fetch it from guest memory).
+        instruction: InstructionBytes,
+    },
+    Cpuid {
+        leaf: u32,
+        subleaf: u32,
+    },
+    /// `RDMSR`/`WRMSR` of `index`; `value` is `EDX:EAX` for a write, zero
+    /// for a read.
+    Msr {
+        access: MsrAccess,
+        index: u32,
+        value: u64,
+    },
+    Hlt,
+    /// `WBINVD` (or `WBNOINVD`): handled by the iommufd WBINVD policy.
+    Wbinvd,
+    Invd,
+    /// The guest triple-faulted (SVM `SHUTDOWN`, VMX "triple fault"): the VM
+    /// is stopped.
+    Shutdown,
+    /// The guest can take an interrupt now (interrupt-window exiting was
+    /// requested).
+    InterruptWindow,
+    /// A physical interrupt arrived while the guest ran; the host handles
+    /// it and resumes.
+    ExternalInterrupt,
+    /// An intercepted exception in the guest.
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+    },
+    /// Anything else: the raw exit code (SVM `EXITCODE`, VMX basic exit
+    /// reason). The VM is stopped with a log line naming the code.
+    Unknown {
+        code: u64,
+    },
+}
+
+/// How long the exiting instruction is, when the hardware said so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstructionLength {
+    /// Reported by hardware (VMX exit-instruction length, SVM `nRIP`, IOIO
+    /// `EXITINFO2`).
+    Known(u8),
+    /// Not reported: decode the instruction at `rip` ([`decode`]).
+    Unknown,
+}
+
+/// One exit, with where the guest was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub reason: VcpuExit,
+    /// The guest RIP of the exiting instruction.
+    pub rip: u64,
+    pub length: InstructionLength,
+}
+
+/// The general-purpose registers, RIP and RFLAGS of a vCPU.
+///
+/// `gprs` is indexed by the x86 register number used in ModRM/REX
+/// encodings: 0 RAX, 1 RCX, 2 RDX, 3 RBX, 4 RSP, 5 RBP, 6 RSI, 7 RDI,
+/// 8–15 R8–R15.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestRegisters {
+    pub gprs: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// Register numbers of [`GuestRegisters::gprs`].
+pub mod gpr {
+    pub const RAX: usize = 0;
+    pub const RCX: usize = 1;
+    pub const RDX: usize = 2;
+    pub const RBX: usize = 3;
+    pub const RSP: usize = 4;
+    pub const RBP: usize = 5;
+    pub const RSI: usize = 6;
+    pub const RDI: usize = 7;
+}
+
+/// RFLAGS bit 1 is reserved and always reads as one (SDM vol. 1, 3.4.3).
+pub const RFLAGS_RESERVED_ONE: u64 = 1 << 1;
+
+impl GuestRegisters {
+    /// All zero, with the reserved RFLAGS bit set.
+    pub const fn new() -> Self {
+        Self {
+            gprs: [0; 16],
+            rip: 0,
+            rflags: RFLAGS_RESERVED_ONE,
+        }
+    }
+    pub const fn rax(&self) -> u64 {
+        self.gprs[gpr::RAX]
+    }
+    pub const fn rbx(&self) -> u64 {
+        self.gprs[gpr::RBX]
+    }
+    pub const fn rcx(&self) -> u64 {
+        self.gprs[gpr::RCX]
+    }
+    pub const fn rdx(&self) -> u64 {
+        self.gprs[gpr::RDX]
+    }
+}
+
+/// An x86 segment register with its hidden part, in a neutral form that
+/// both the VMCB (12-bit packed attributes) and the VMCS (access rights)
+/// encode from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Segment {
+    pub selector: u16,
+    pub base: u64,
+    pub limit: u32,
+    /// Descriptor type (bits 43:40 of the descriptor).
+    pub typ: u8,
+    /// S: code/data (true) or system segment.
+    pub code_or_data: bool,
+    pub dpl: u8,
+    pub present: bool,
+    pub available: bool,
+    /// L: 64-bit code segment.
+    pub long: bool,
+    /// D/B: default operation size 32 bit.
+    pub default_big: bool,
+    /// G: limit in 4 KiB units.
+    pub granularity: bool,
+}
+
+impl Segment {
+    /// Execute/read code, accessed (type 0xB).
+    pub const TYPE_CODE_EXEC_READ_ACCESSED: u8 = 0xb;
+    /// Read/write data, accessed (type 0x3).
+    pub const TYPE_DATA_READ_WRITE_ACCESSED: u8 = 0x3;
+    /// 64-bit busy TSS (type 0xB, system).
+    pub const TYPE_TSS64_BUSY: u8 = 0xb;
+    /// LDT (type 0x2, system).
+    pub const TYPE_LDT: u8 = 0x2;
+
+    /// A flat 64-bit code segment (base 0, limit 4 GiB, L=1, D=0, DPL 0).
+    pub const fn flat_code64(selector: u16) -> Self {
+        Self {
+            selector,
+            base: 0,
+            limit: 0xffff_ffff,
+            typ: Self::TYPE_CODE_EXEC_READ_ACCESSED,
+            code_or_data: true,
+            dpl: 0,
+            present: true,
+            available: false,
+            long: true,
+            default_big: false,
+            granularity: true,
+        }
+    }
+
+    /// A flat read/write data segment (base 0, limit 4 GiB, DPL 0).
+    pub const fn flat_data(selector: u16) -> Self {
+        Self {
+            selector,
+            base: 0,
+            limit: 0xffff_ffff,
+            typ: Self::TYPE_DATA_READ_WRITE_ACCESSED,
+            code_or_data: true,
+            dpl: 0,
+            present: true,
+            available: false,
+            long: false,
+            default_big: true,
+            granularity: true,
+        }
+    }
+
+    /// A system segment (TSS, LDT) of `typ` with a byte-granular limit.
+    pub const fn system(selector: u16, typ: u8, base: u64, limit: u32) -> Self {
+        Self {
+            selector,
+            base,
+            limit,
+            typ,
+            code_or_data: false,
+            dpl: 0,
+            present: true,
+            available: false,
+            long: false,
+            default_big: false,
+            granularity: false,
+        }
+    }
+
+    /// A segment register that holds nothing usable (a null selector).
+    pub const fn unusable() -> Self {
+        Self {
+            selector: 0,
+            base: 0,
+            limit: 0,
+            typ: 0,
+            code_or_data: false,
+            dpl: 0,
+            present: false,
+            available: false,
+            long: false,
+            default_big: false,
+            granularity: false,
+        }
+    }
+
+    /// Descriptor bits 47:40 (type, S, DPL, P) as one byte.
+    pub const fn access_byte(&self) -> u8 {
+        (self.typ & 0xf)
+            | ((self.code_or_data as u8) << 4)
+            | ((self.dpl & 3) << 5)
+            | ((self.present as u8) << 7)
+    }
+
+    /// Descriptor bits 55:52 (AVL, L, D/B, G) as a nibble.
+    pub const fn flags_nibble(&self) -> u8 {
+        (self.available as u8)
+            | ((self.long as u8) << 1)
+            | ((self.default_big as u8) << 2)
+            | ((self.granularity as u8) << 3)
+    }
+
+    /// The 8-byte GDT descriptor of a code/data segment whose base fits in
+    /// 32 bits (SDM vol. 3, 3.4.5). The limit is stored in the 20-bit field
+    /// (in 4 KiB units when `granularity`).
+    pub const fn descriptor(&self) -> u64 {
+        let limit = if self.granularity {
+            self.limit >> 12
+        } else {
+            self.limit
+        } as u64;
+        let base = self.base;
+        (limit & 0xffff)
+            | ((base & 0xff_ffff) << 16)
+            | ((self.access_byte() as u64) << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | ((self.flags_nibble() as u64) << 52)
+            | (((base >> 24) & 0xff) << 56)
+    }
+}
+
+/// A descriptor-table register (GDTR, IDTR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DescriptorTable {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// Architectural control-register bits used for guest entry (SDM vol. 3,
+/// 2.5; AMD APM vol. 2, 3.1).
+pub mod cr {
+    pub const CR0_PE: u64 = 1 << 0;
+    pub const CR0_MP: u64 = 1 << 1;
+    pub const CR0_ET: u64 = 1 << 4;
+    pub const CR0_NE: u64 = 1 << 5;
+    pub const CR0_WP: u64 = 1 << 16;
+    pub const CR0_NW: u64 = 1 << 29;
+    pub const CR0_CD: u64 = 1 << 30;
+    pub const CR0_PG: u64 = 1 << 31;
+    pub const CR4_PAE: u64 = 1 << 5;
+    pub const CR4_PGE: u64 = 1 << 7;
+    pub const CR4_OSFXSR: u64 = 1 << 9;
+    pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+    pub const CR4_VMXE: u64 = 1 << 13;
+    /// EFER (MSR C000_0080h).
+    pub const EFER_SCE: u64 = 1 << 0;
+    pub const EFER_LME: u64 = 1 << 8;
+    pub const EFER_LMA: u64 = 1 << 10;
+    pub const EFER_NXE: u64 = 1 << 11;
+    /// AMD only: SVM enable; must be set in a guest's EFER image for VMRUN
+    /// (APM vol. 2, 15.5.1).
+    pub const EFER_SVME: u64 = 1 << 12;
+}
+
+/// The state a vCPU starts with (the direct-boot protocol fills it in, see
+/// [`crate::vm::boot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryState {
+    pub registers: GuestRegisters,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    /// Architectural EFER; backends add what their hardware requires (SVM:
+    /// EFER.SVME).
+    pub efer: u64,
+    pub cs: Segment,
+    pub ds: Segment,
+    pub es: Segment,
+    pub ss: Segment,
+    pub fs: Segment,
+    pub gs: Segment,
+    pub tr: Segment,
+    pub ldtr: Segment,
+    pub gdtr: DescriptorTable,
+    pub idtr: DescriptorTable,
+    /// IA32_PAT (power-on value 0x0007_0406_0007_0406, SDM vol. 3, 11.12.4).
+    pub pat: u64,
+}
+
+/// IA32_PAT after reset (SDM vol. 3, table 11-12).
+pub const PAT_RESET_VALUE: u64 = 0x0007_0406_0007_0406;
+
+/// An event to deliver to the guest at the next entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A hardware exception; `error_code` must be given exactly for the
+    /// vectors that push one.
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+    },
+    /// A maskable external interrupt (vector 32–255).
+    Interrupt {
+        vector: u8,
+    },
+    Nmi,
+}
+
+/// Exception vectors that push an error code in protected and long mode
+/// (SDM vol. 3, table 6-1): #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP.
+pub const fn exception_has_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21)
+}
+
+impl Event {
+    /// Checks the event can be injected as described: exceptions are
+    /// vectors 0–31 other than NMI (2) with an error code exactly when the
+    /// vector pushes one, interrupts are vectors 32–255.
+    pub const fn validate(&self) -> Result<(), VcpuError> {
+        match *self {
+            Event::Exception { vector, error_code } => {
+                if vector >= 32 || vector == 2 {
+                    return Err(VcpuError::BadEvent(
+                        "exception vector must be 0-31 and not NMI",
+                    ));
+                }
+                if exception_has_error_code(vector) != error_code.is_some() {
+                    return Err(VcpuError::BadEvent(
+                        "error code given for a vector without one, or missing",
+                    ));
+                }
+                Ok(())
+            }
+            Event::Interrupt { vector } => {
+                if vector < 32 {
+                    Err(VcpuError::BadEvent("interrupt vectors 0-31 are exceptions"))
+                } else {
+                    Ok(())
+                }
+            }
+            Event::Nmi => Ok(()),
+        }
+    }
+}
+
+/// Why a backend operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuError {
+    /// The event cannot be injected as given.
+    BadEvent(&'static str),
+    /// An event is already pending injection.
+    EventPending,
+    /// The hardware refused the entry: the guest state is invalid (SVM
+    /// `VMEXIT_INVALID`, VMX "VM-entry failure"), with the reason.
+    InvalidGuestState(&'static str),
+    /// The nested-paging root is not a 4 KiB-aligned address the hardware
+    /// can use.
+    BadNestedRoot(PhysAddr),
+    /// No address-space identifier is left.
+    OutOfAsids,
+    /// Memory for the control block could not be allocated.
+    OutOfMemory,
+    /// An instruction length outside 1–15.
+    BadInstructionLength(u64),
+    /// The hardware feature is missing (e.g. no nested paging).
+    Unsupported(&'static str),
+}
+
+impl fmt::Display for VcpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadEvent(why) => write!(f, "cannot inject event: {why}"),
+            Self::EventPending => f.write_str("an event is already pending injection"),
+            Self::InvalidGuestState(why) => write!(f, "invalid guest state: {why}"),
+            Self::BadNestedRoot(root) => write!(f, "unusable nested page-table root {root}"),
+            Self::OutOfAsids => f.write_str("no free address-space identifier"),
+            Self::OutOfMemory => f.write_str("out of memory for the vCPU control block"),
+            Self::BadInstructionLength(n) => write!(f, "instruction length {n} outside 1-15"),
+            Self::Unsupported(what) => write!(f, "unsupported: {what}"),
+        }
+    }
+}
+
+/// The operations the VM layer needs from a hardware-virtualization
+/// backend. SVM ([`svm::SvmBackend`]) and VMX implement it.
+pub trait VcpuBackend {
+    /// One virtual CPU: its control block (VMCB / VMCS) and the guest
+    /// registers the hardware does not save.
+    type Vcpu;
+
+    /// A vCPU that starts at `entry`.
+    fn create_vcpu(&mut self, entry: &EntryState) -> Result<Self::Vcpu, VcpuError>;
+    /// Runs the guest until the next exit, and decodes it.
+    fn run(&mut self, vcpu: &mut Self::Vcpu) -> Result<Exit, VcpuError>;
+    fn registers(&self, vcpu: &Self::Vcpu) -> GuestRegisters;
+    fn set_registers(&mut self, vcpu: &mut Self::Vcpu, registers: &GuestRegisters);
+    /// Moves RIP past the exiting instruction of `length` bytes (1–15) and
+    /// ends any interrupt shadow it created (as the CPU does when it retires
+    /// an instruction).
+    fn advance_rip(&mut self, vcpu: &mut Self::Vcpu, length: u8) -> Result<(), VcpuError>;
+    /// Delivers `event` at the next entry. One event at a time:
+    /// [`VcpuError::EventPending`] if one is still queued.
+    fn inject_event(&mut self, vcpu: &mut Self::Vcpu, event: Event) -> Result<(), VcpuError>;
+    /// Uses the nested page table (NPT / EPT) rooted at `root` from the next
+    /// entry on, and flushes the vCPU's cached guest-physical translations.
+    fn set_nested_root(&mut self, vcpu: &mut Self::Vcpu, root: PhysAddr) -> Result<(), VcpuError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_descriptors_match_the_architectural_encoding() {
+        // SDM vol. 3, 3.4.5: the canonical flat 64-bit code descriptor is
+        // 0x00af9b000000ffff and the flat data descriptor 0x00cf93000000ffff.
+        assert_eq!(Segment::flat_code64(8).descriptor(), 0x00af_9b00_0000_ffff);
+        assert_eq!(Segment::flat_data(16).descriptor(), 0x00cf_9300_0000_ffff);
+    }
+
+    #[test]
+    fn event_validation() {
+        let gp = Event::Exception {
+            vector: 13,
+            error_code: Some(0),
+        };
+        assert_eq!(gp.validate(), Ok(()));
+        let gp_without_code = Event::Exception {
+            vector: 13,
+            error_code: None,
+        };
+        assert!(matches!(
+            gp_without_code.validate(),
+            Err(VcpuError::BadEvent(_))
+        ));
+        let ud_with_code = Event::Exception {
+            vector: 6,
+            error_code: Some(1),
+        };
+        assert!(ud_with_code.validate().is_err());
+        assert!(
+            Event::Exception {
+                vector: 2,
+                error_code: None
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Event::Exception {
+                vector: 32,
+                error_code: None
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(Event::Interrupt { vector: 31 }.validate().is_err());
+        assert_eq!(Event::Interrupt { vector: 32 }.validate(), Ok(()));
+        assert_eq!(Event::Nmi.validate(), Ok(()));
+    }
+
+    #[test]
+    fn access_size_masks() {
+        assert_eq!(AccessSize::Byte.mask(), 0xff);
+        assert_eq!(AccessSize::Word.mask(), 0xffff);
+        assert_eq!(AccessSize::Dword.mask(), 0xffff_ffff);
+        assert_eq!(AccessSize::Qword.mask(), u64::MAX);
+        assert_eq!(AccessSize::from_bytes(4), Some(AccessSize::Dword));
+        assert_eq!(AccessSize::from_bytes(3), None);
+    }
+
+    #[test]
+    fn instruction_bytes_are_capped_at_15() {
+        let b = InstructionBytes::new(&[0x90; 20]);
+        assert_eq!(b.as_slice().len(), 15);
+        assert!(InstructionBytes::new(&[]).is_empty());
+    }
+}
