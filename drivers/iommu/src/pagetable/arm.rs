@@ -41,8 +41,10 @@ fn descriptor_kind(level: u8, raw: u64) -> Option<bool> {
         return None;
     }
     let table_or_page = raw & TABLE_OR_PAGE != 0;
-    if level == 0 && !table_or_page {
-        // Block encoding at Arm level 3 is reserved: treated as invalid.
+    if (level == 0 || level >= 3) && !table_or_page {
+        // The block encoding at Arm level 3 is reserved, and with the 4 KiB
+        // granule (without FEAT_LPA2) level 0 has no blocks: both fault
+        // like invalid entries.
         return None;
     }
     Some(table_or_page)

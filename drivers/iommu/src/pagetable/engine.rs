@@ -546,7 +546,7 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
                 }
                 Decoded::Table(child) => {
                     self.unmap_from(child, level - 1, iova, entry_end, true, job);
-                    if self.is_empty(child, level - 1) {
+                    if self.is_empty(child, level - 1, level_index(entry_end - 1, level - 1)) {
                         self.write(table, index, 0);
                         widen(&mut written, index);
                         job.inv.pending.push(child);
@@ -579,8 +579,12 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
         self.tables -= 1;
     }
 
-    fn is_empty(&self, table: PhysAddr, level: u8) -> bool {
-        (0..ENTRIES_PER_TABLE).all(|i| {
+    /// Whether `table` has no valid entry. The scan starts at `hint`, the
+    /// last entry the unmap touched (still valid if it led to a table that
+    /// was kept), and wraps, so in-order unmaps find a valid entry at once.
+    fn is_empty(&self, table: PhysAddr, level: u8, hint: u64) -> bool {
+        let start = hint % ENTRIES_PER_TABLE;
+        (start..ENTRIES_PER_TABLE).chain(0..start).all(|i| {
             matches!(
                 self.format.decode(level, self.read(table, i)),
                 Decoded::Invalid
