@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -125,11 +125,7 @@ fn wait_with_limit(
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait()? {
-            return Ok(match (status.code(), status.signal()) {
-                (Some(code), _) => RawExit::Status(code),
-                (None, Some(signal)) => RawExit::Signal(signal),
-                (None, None) => RawExit::Status(-1),
-            });
+            return Ok(RawExit::from_status(status));
         }
         if Instant::now() >= deadline {
             group.kill();
@@ -288,7 +284,7 @@ impl Harness {
                     return failed(format!("cannot run {}: {err}", setup.qemu.display()));
                 }
             };
-        let exit = judge::decode_exit(arch, output.raw);
+        let exit = judge::decode_exit_with_stderr(arch, output.raw, &output.stderr);
         let outcome = judge::judge(scenario.test_name(), &output.serial, exit);
         let verdict = judge::check_expected(scenario.expected, &outcome);
         let mut log = output.serial;

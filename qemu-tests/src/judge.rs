@@ -77,6 +77,18 @@ pub enum RawExit {
     TimedOut(Duration),
 }
 
+impl RawExit {
+    /// How a process that was not killed by the harness ended.
+    pub fn from_status(status: std::process::ExitStatus) -> RawExit {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => RawExit::Status(code),
+            (None, Some(signal)) => RawExit::Signal(signal),
+            (None, None) => RawExit::Status(-1),
+        }
+    }
+}
+
 /// Sluice's own exit codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SluiceCode {
@@ -130,10 +142,35 @@ pub enum SluiceExit {
     NoStatus,
     /// x86_64 even non-zero status: QEMU itself failed, not Sluice.
     QemuFailed(i32),
+    /// QEMU refused its command line and exited with 1 (which on x86_64
+    /// would otherwise read as Sluice's success); the message is QEMU's.
+    QemuStartFailed,
     /// QEMU was ended by a signal it did not expect.
     Killed(i32),
     /// The harness killed QEMU at the time limit.
     TimedOut(Duration),
+}
+
+/// Decodes QEMU's exit for `arch`, telling QEMU's own start-up failure
+/// (status 1 with a complaint about an option on stderr) from Sluice's status.
+pub fn decode_exit_with_stderr(arch: Arch, raw: RawExit, stderr: &str) -> SluiceExit {
+    if raw == RawExit::Status(1) && qemu_start_error(stderr).is_some() {
+        return SluiceExit::QemuStartFailed;
+    }
+    decode_exit(arch, raw)
+}
+
+/// QEMU's complaint about one of its options, made at start-up, e.g.
+/// `qemu-system-x86_64: -device foo: 'foo' is not a valid device model name`.
+/// Run-time messages (`qemu-system-x86_64: vtd_...: ...`) do not count.
+pub fn qemu_start_error(stderr: &str) -> Option<&str> {
+    stderr.lines().find(|line| {
+        line.starts_with("qemu-system-")
+            && !line.contains("warning:")
+            && line
+                .split_once(": ")
+                .is_some_and(|(_, rest)| rest.starts_with('-'))
+    })
 }
 
 /// Decodes QEMU's exit for `arch`.
@@ -175,6 +212,9 @@ impl fmt::Display for SluiceExit {
                 f,
                 "QEMU failed with status {status}, which is not a Sluice status"
             ),
+            SluiceExit::QemuStartFailed => {
+                f.write_str("QEMU failed to start (status 1), see its message")
+            }
             SluiceExit::Killed(signal) => write!(f, "QEMU was killed by signal {signal}"),
             SluiceExit::TimedOut(limit) => write!(
                 f,
@@ -379,6 +419,34 @@ mod tests {
             decode_exit(Arch::X86_64, RawExit::Status(0)).process_status()
         );
         assert_eq!(x86(3).process_status(), 3);
+    }
+
+    #[test]
+    fn tells_qemu_start_failures_from_sluice_status() {
+        let refused = "qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\n";
+        assert_eq!(
+            decode_exit_with_stderr(Arch::X86_64, RawExit::Status(1), refused),
+            SluiceExit::QemuStartFailed
+        );
+        assert_eq!(
+            decode_exit_with_stderr(Arch::Aarch64, RawExit::Status(1), refused),
+            SluiceExit::QemuStartFailed
+        );
+        let runtime = "qemu-system-x86_64: vtd_iova_to_slpte: detected slpte permission error\n\
+                       qemu-system-x86_64: warning: -device edu: something\n";
+        assert_eq!(qemu_start_error(runtime), None);
+        assert_eq!(
+            decode_exit_with_stderr(Arch::X86_64, RawExit::Status(1), runtime),
+            SluiceExit::Code(SluiceCode::Success)
+        );
+        assert_eq!(
+            decode_exit_with_stderr(Arch::X86_64, RawExit::Status(3), refused),
+            SluiceExit::Code(SluiceCode::TestFailure)
+        );
+        assert_eq!(
+            SluiceExit::QemuStartFailed.process_status(),
+            NO_SLUICE_STATUS
+        );
     }
 
     #[test]

@@ -209,6 +209,25 @@ fn missing_result_line_and_missing_status_fail() {
         "QEMU's stderr is part of the log: {:?}",
         report.tail
     );
+
+    // QEMU refusing an option exits with 1, which is not Sluice's success.
+    let dir = scratch("qemu-refused");
+    let harness = self::harness(
+        &dir,
+        Arch::X86_64,
+        "echo \"qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\" >&2\nexit 1\n",
+    );
+    let report = harness.run_scenario(Arch::X86_64, &BOOT);
+    let why = reason(&report);
+    assert!(why.contains("QEMU failed to start (status 1)"), "{why}");
+    assert!(
+        report
+            .tail
+            .iter()
+            .any(|line| line.contains("not a valid device model name")),
+        "QEMU's stderr is part of the log: {:?}",
+        report.tail
+    );
 }
 
 #[test]

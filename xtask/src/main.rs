@@ -250,54 +250,25 @@ fn run(args: &BootArgs) -> Result<u8, XtaskError> {
         })?;
     let stderr = child.stderr.take().map(|pipe| {
         thread::spawn(move || {
-            let mut errors = Vec::new();
+            let mut text = String::new();
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 eprintln!("{line}");
-                if is_qemu_error(&line) {
-                    errors.push(line);
-                }
+                text.push_str(&line);
+                text.push('\n');
             }
-            errors
+            text
         })
     });
     let status = child
         .wait()
         .map_err(|err| XtaskError::new(format!("cannot wait for QEMU: {err}")))?;
-    let qemu_errors = stderr
+    let stderr = stderr
         .and_then(|handle| handle.join().ok())
         .unwrap_or_default();
-    let raw = match (
-        status.code(),
-        std::os::unix::process::ExitStatusExt::signal(&status),
-    ) {
-        (Some(code), _) => RawExit::Status(code),
-        (None, Some(signal)) => RawExit::Signal(signal),
-        (None, None) => RawExit::Status(-1),
-    };
-    let exit = judge::decode_exit(config.arch, raw);
+    let exit = judge::decode_exit_with_stderr(config.arch, RawExit::from_status(status), &stderr);
     let _ = io::stdout().flush();
-    // QEMU's own start-up failures exit with 1, which on x86_64 would read
-    // as Sluice's success: they are told apart by QEMU's message about an option.
-    if status.code() == Some(1) && qemu_errors.iter().any(|line| is_option_error(line)) {
-        eprintln!("\nxtask: QEMU failed to start: {}", qemu_errors.join("; "));
-        return Ok(NO_SLUICE_STATUS);
-    }
     eprintln!("\nxtask: {exit}");
     Ok(u8::try_from(exit.process_status()).unwrap_or(NO_SLUICE_STATUS))
-}
-
-/// A QEMU error message (not a warning) on stderr.
-fn is_qemu_error(line: &str) -> bool {
-    line.starts_with("qemu-system-") && !line.contains("warning:")
-}
-
-/// A QEMU error about one of its options, which QEMU reports at start-up, e.g.
-/// `qemu-system-x86_64: -device foo: 'foo' is not a valid device model name`.
-fn is_option_error(line: &str) -> bool {
-    is_qemu_error(line)
-        && line
-            .split_once(": ")
-            .is_some_and(|(_, rest)| rest.starts_with('-'))
 }
 
 fn test(
@@ -546,22 +517,5 @@ mod tests {
         assert!(has_bench(&iommu, "pagetable"));
         assert!(!has_bench(&iommu, "other"));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn tells_qemu_errors_from_warnings() {
-        assert!(is_qemu_error(
-            "qemu-system-x86_64: -device foo: 'foo' is not a valid device model name"
-        ));
-        assert!(!is_qemu_error(
-            "qemu-system-x86_64: warning: host doesn't support feature"
-        ));
-        assert!(!is_qemu_error("Sluice 0.1.0"));
-        assert!(is_option_error(
-            "qemu-system-x86_64: -device foo: 'foo' is not a valid device model name"
-        ));
-        assert!(!is_option_error(
-            "qemu-system-x86_64: vtd_iova_to_slpte: detected slpte permission error"
-        ));
     }
 }
