@@ -119,6 +119,9 @@ fn check_dma(p: &mut Platform, bdf: u32, model: &Model) {
 fn run(seed: u64, steps: usize, stats: &mut BTreeMap<String, u32>) {
     let dev_a = abi::bdf(0, 0, 4, 0);
     let dev_b = abi::bdf(0, 0, 5, 0);
+    // C sits behind another IOMMU unit, so attaching it makes a new domain
+    // that must be filled with everything the IOAS already maps.
+    let dev_c = abi::bdf(0, 0, 6, 0);
     let mut p = Platform::builder()
         .vm(
             VM,
@@ -129,19 +132,22 @@ fn run(seed: u64, steps: usize, stats: &mut BTreeMap<String, u32>) {
         )
         .device(DeviceSetup::new(VM, dev_a))
         .device(DeviceSetup::new(VM, dev_b))
+        .device(DeviceSetup::new(VM, dev_c).unit(1))
         .build();
     let ioas = [p.ioas_alloc(VM).unwrap(), p.ioas_alloc(VM).unwrap()];
     let a = p.bind(VM, dev_a).unwrap().dev_id;
     let b = p.bind(VM, dev_b).unwrap().dev_id;
     p.attach(VM, a, ioas[0]).unwrap();
     p.attach(VM, b, ioas[1]).unwrap();
+    let c = p.bind(VM, dev_c).unwrap().dev_id;
+    let mut c_on: Option<usize> = None;
     let mut models = [Model::default(), Model::default()];
     let mut rng = Rng(seed | 1);
 
     for step in 0..steps {
         let which = rng.below(2) as usize;
         let before = p.iommufd.snapshot(VM);
-        let op = rng.below(10);
+        let op = rng.below(11);
         let (result, ok): (String, bool) = match op {
             // Fixed map.
             0..=3 => {
@@ -267,6 +273,19 @@ fn run(seed: u64, steps: usize, stats: &mut BTreeMap<String, u32>) {
                 assert_eq!(got, want, "seed {seed} step {step}: copy");
                 (format!("{got:?}"), got.is_ok())
             }
+            // Move device C between the IOASes (new domain each time).
+            10 => {
+                let r = match c_on {
+                    Some(_) if rng.below(3) == 0 => p.detach(VM, c, None).map(|()| None),
+                    Some(_) => p.replace(VM, c, ioas[which]).map(|_| Some(which)),
+                    None => p.attach(VM, c, ioas[which]).map(|_| Some(which)),
+                };
+                c_on = r.expect("moving C between IOASes succeeds");
+                if let Some(on) = c_on {
+                    check_dma(&mut p, dev_c, &models[on]);
+                }
+                (format!("{c_on:?}"), true)
+            }
             // Unmap everything (rarely).
             _ => {
                 if rng.below(4) == 0 {
@@ -295,6 +314,7 @@ fn run(seed: u64, steps: usize, stats: &mut BTreeMap<String, u32>) {
             4 => "allocated map",
             5..=7 => "unmap",
             8 => "copy",
+            10 => "move C",
             _ => "other",
         };
         let outcome = if ok { "Ok".to_string() } else { result.clone() };
@@ -309,6 +329,9 @@ fn run(seed: u64, steps: usize, stats: &mut BTreeMap<String, u32>) {
         if step % 16 == 15 {
             check_dma(&mut p, dev_a, &models[0]);
             check_dma(&mut p, dev_b, &models[1]);
+            if let Some(on) = c_on {
+                check_dma(&mut p, dev_c, &models[on]);
+            }
         }
     }
     check_dma(&mut p, dev_a, &models[0]);

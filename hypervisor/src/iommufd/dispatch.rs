@@ -401,6 +401,8 @@ impl<B: IommuBackend> Iommufd<B> {
             cmd::FAULT_READ => {
                 let mut a = read_arg::<abi::FaultRead>(mem, gpa)?;
                 check_reserved(&[a.value.reserved.into()])?;
+                // Collect what the IOMMU recorded since the last interrupt.
+                self.process_faults();
                 let max = a.value.num_records.min(MAX_ARRAY_ENTRIES);
                 let (records, overflow) = self.fault_read(vm, a.value.fault_id, max)?;
                 if let Err(e) = write_array(mem, a.value.records, &records) {
