@@ -47,9 +47,42 @@ use sluice_hal::model::ModelMemory;
 
 pub use mock_iommu::MockIommu;
 
+/// An IOMMU backend the test platform can drive: the [`MockIommu`], or a
+/// real driver over its register model (the VT-d driver will implement this
+/// for its model, so every test here can run against it too).
+pub trait TestIommu: IommuBackend {
+    /// Makes `device` known with these capabilities, in the blocking state.
+    fn add_device(&mut self, device: DeviceId, caps: IommuCaps, flr: bool);
+    /// Issues a DMA of `device` (with `pasid`) at `iova`: the host address
+    /// it reaches, or why the IOMMU refused it (the refusal is recorded as a
+    /// fault for [`IommuBackend::drain_faults`]).
+    fn dma(
+        &mut self,
+        device: DeviceId,
+        pasid: Option<u32>,
+        iova: u64,
+        write: bool,
+    ) -> Result<PhysAddr, FaultReason>;
+}
+
+impl TestIommu for MockIommu {
+    fn add_device(&mut self, device: DeviceId, caps: IommuCaps, flr: bool) {
+        MockIommu::add_device(self, device, caps, flr);
+    }
+    fn dma(
+        &mut self,
+        device: DeviceId,
+        pasid: Option<u32>,
+        iova: u64,
+        write: bool,
+    ) -> Result<PhysAddr, FaultReason> {
+        MockIommu::dma(self, device, pasid, iova, write)
+    }
+}
+
 use crate::iommufd::{
-    AssignedDevice, DeviceId, FaultReason, GuestMemory, GuestMemoryError, IommuCaps, Iommufd,
-    VmConfig, VmId, X86_MSI_WINDOW,
+    AssignedDevice, DeviceId, FaultReason, GuestMemory, GuestMemoryError, IommuBackend, IommuCaps,
+    Iommufd, VmConfig, VmId, X86_MSI_WINDOW,
 };
 
 /// Bytes at the top of a VM's first RAM range the harness uses for
@@ -275,8 +308,14 @@ impl PlatformBuilder {
     /// Builds the platform. Panics on an inconsistent description (a test
     /// bug, not guest input).
     pub fn build(self) -> Platform {
+        self.build_with(MockIommu::new)
+    }
+
+    /// Builds the platform over another IOMMU backend, made from the shared
+    /// host memory (page tables are allocated from it).
+    pub fn build_with<B: TestIommu>(self, make: impl FnOnce(Rc<ModelMemory>) -> B) -> Platform<B> {
         let host = Rc::new(ModelMemory::new());
-        let mut mock = MockIommu::new(host.clone());
+        let mut mock = make(host.clone());
         let mut devices = BTreeMap::new();
         for (n, d) in self.devices.iter().enumerate() {
             let id = DeviceId(n as u32 + 1);
@@ -358,8 +397,8 @@ pub struct Bound {
 }
 
 /// The mock platform: the object model, its mock IOMMU, and the VMs' RAM.
-pub struct Platform {
-    pub iommufd: Iommufd<MockIommu>,
+pub struct Platform<B: TestIommu = MockIommu> {
+    pub iommufd: Iommufd<B>,
     pub host: Rc<ModelMemory>,
     vms: BTreeMap<VmId, TestGuestMemory>,
     devices: BTreeMap<(VmId, u32), DeviceId>,
@@ -374,7 +413,9 @@ impl Platform {
     pub fn builder() -> PlatformBuilder {
         PlatformBuilder::default()
     }
+}
 
+impl<B: TestIommu> Platform<B> {
     pub fn memory(&self, vm: VmId) -> &TestGuestMemory {
         &self.vms[&vm]
     }
