@@ -2,7 +2,7 @@
 //! reserved ranges of whatever is attached, kept independent of any IOMMU
 //! domain. Every function here checks; none changes hardware.
 
-use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use super::Error;
@@ -277,11 +277,6 @@ impl Ioas {
             ));
         }
         Ok(spans)
-    }
-
-    /// The HWPT IDs of this IOAS.
-    pub fn hwpt_ids(&self) -> BTreeSet<u32> {
-        self.hwpts.keys().copied().collect()
     }
 }
 
