@@ -499,13 +499,13 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
             let raw = self.read(table, index);
             match self.format.decode(level, raw) {
                 Decoded::Invalid => {}
-                // (A table entry at level 0 would be a format bug; clearing
-                // it is the safe reading.)
                 Decoded::Leaf { .. } if whole || level == 0 => {
                     self.write(table, index, 0);
                     widen(&mut written, index);
                     job.inv.record(entry_start, size, size);
                 }
+                // A table entry at level 0 would be a format bug; clearing it
+                // is the safe reading.
                 Decoded::Table(_) if level == 0 => {
                     self.write(table, index, 0);
                     widen(&mut written, index);

@@ -24,6 +24,38 @@
 //! * [`walk`] is an independent table walker written from the specifications
 //!   (it shares no decoding code with the formats) for tests of this engine
 //!   and of the drivers.
+//!
+//! The life of a change, as a driver sees it:
+//!
+//! ```
+//! use sluice_hal::{PhysAddr, model::ModelMemory};
+//! use sluice_iommu::pagetable::vtd::{VtdSecondLevel, VtdSlAttrs};
+//! use sluice_iommu::pagetable::{IoPageTable, MapPerms, PageSize, TableConfig};
+//!
+//! let mem = ModelMemory::new();
+//! // CAP.SAGAW offers 3- and 4-level tables; the domain needs 48 bits; the
+//! // DMAR says HAW = 46 bits; CAP.SLLPS allows 2 MiB and 1 GiB pages.
+//! let format = VtdSecondLevel::from_sagaw(0b0110, 48, 46)?;
+//! let config = TableConfig::new(PageSize::from_vtd_sllps(0b11), true);
+//! let mut table: IoPageTable<'_, _, ModelMemory> = IoPageTable::new(&mem, format, config)?;
+//!
+//! let attrs = VtdSlAttrs { snoop: true, ..VtdSlAttrs::default() };
+//! let inv = table.map(0x4000_0000, PhysAddr::new(0x8000_0000), 0x20_0000, MapPerms::READ_WRITE, attrs)?;
+//! assert_eq!(inv.largest_page(), 0x20_0000); // one 2 MiB leaf
+//! // In caching mode the driver now invalidates `inv.newly_present()`.
+//! inv.complete(&mem);
+//!
+//! let inv = table.unmap(0x4000_0000, 0x1000)?; // splits the 2 MiB leaf
+//! assert_eq!(inv.ranges().len(), 1);
+//! assert!(inv.flush_paging_structures()); // VT-d: IH = 0
+//! // The driver invalidates `inv.ranges()` (address mask chosen from
+//! // `inv.largest_page()`), waits for completion, and only then:
+//! inv.complete(&mem); // frees unlinked tables
+//!
+//! table.destroy().release(&mem); // after detaching and a domain flush
+//! assert_eq!(mem.live_pages(), 0);
+//! # Ok::<(), sluice_iommu::pagetable::PageTableError>(())
+//! ```
 
 mod engine;
 mod format;
