@@ -15,3 +15,19 @@ pub mod regs;
 pub mod structs;
 
 pub use caps::{CapBuilder, VtdCapabilities};
+pub mod error;
+pub mod fault;
+mod invalidation;
+pub mod model;
+pub mod unit;
+pub mod walker;
+
+pub use error::VtdError;
+pub use fault::{AccessKind, FaultClass, FaultReason, FaultRecord};
+pub use unit::{
+    AtsConfig, AttributedFault, DomainConfig, DomainId, DomainInfo, DomainKind, FaultDrain,
+    ModeRequest, TranslationMode, VtdConfig, VtdUnit,
+};
+
+#[cfg(test)]
+mod tests;
