@@ -31,7 +31,9 @@ use core::fmt;
 use sluice_pci::groups::{DmaAlias, dma_alias, iommu_groups};
 use sluice_pci::{Bdf, ConfigSpace, PciAddress, Topology};
 
-use crate::acpi::dmar::{DeviceScope, Dmar, Drhd, DrhdFlags, Rmrr, ScopeError, ScopeKind};
+use crate::acpi::dmar::{
+    AtsrFlags, DeviceScope, Dmar, Drhd, DrhdFlags, Rmrr, ScopeError, ScopeKind,
+};
 use crate::acpi::iort::{Iort, IortError, NodeKind, SmmuV3Flags};
 
 /// An IOMMU unit, named as in the logs.
@@ -98,6 +100,11 @@ pub struct DeviceAssociation {
     pub its_device_id: Option<u32>,
     pub group: u32,
     pub assignable: bool,
+    /// The function has an ATS capability and the platform allows ATS for
+    /// it: its root port is in an ATSR (or ATSR ALL_PORTS) / a SATC names
+    /// it when it is root-complex integrated (VT-d 4.1 §8.5, §8.8), or the
+    /// IORT root complex node sets ATS support (DEN0049 §3.1.1.3).
+    pub ats_permitted: bool,
     /// Indices in [`Association::reserved`].
     pub reserved: Vec<usize>,
 }
@@ -177,6 +184,7 @@ impl Association {
                     its_device_id: None,
                     group: groups.group_of.get(index).copied().unwrap_or(0),
                     assignable: false,
+                    ats_permitted: false,
                     reserved: Vec::new(),
                 }
             })
@@ -301,6 +309,7 @@ pub fn associate_dmar(dmar: &Dmar, topo: &Topology, cfg: &dyn ConfigSpace) -> As
             d.coverage = Some(Coverage::IncludePciAll);
         }
     }
+    apply_dmar_ats_policy(dmar, topo, cfg, &mut a);
     for (n, rmrr) in dmar.rmrrs.iter().enumerate() {
         if rmrr.segment != segment {
             continue;
@@ -338,12 +347,85 @@ pub fn associate_dmar(dmar: &Dmar, topo: &Topology, cfg: &dyn ConfigSpace) -> As
     a
 }
 
+/// The root port (topmost bridge) above function `index`, `None` for a
+/// function on a root bus.
+fn root_port_of(topo: &Topology, index: usize) -> Option<usize> {
+    let mut cursor = topo.functions.get(index)?.upstream?;
+    for _ in 0..topo.functions.len() {
+        match topo.functions.get(cursor)?.upstream {
+            Some(up) => cursor = up,
+            None => return Some(cursor),
+        }
+    }
+    None
+}
+
+fn apply_dmar_ats_policy(dmar: &Dmar, topo: &Topology, cfg: &dyn ConfigSpace, a: &mut Association) {
+    let mut all_ports = false;
+    let mut ports = Vec::new();
+    for atsr in dmar.atsrs.iter().filter(|x| x.segment == topo.segment) {
+        all_ports |= atsr.flags.contains(AtsrFlags::ALL_PORTS);
+        for scope in atsr
+            .scopes
+            .iter()
+            .filter(|s| s.kind == ScopeKind::PciSubHierarchy)
+        {
+            match scope.resolve(topo.segment, cfg) {
+                Ok(port) => ports.extend(topo.index_of(port)),
+                Err(error) => a.errors.push(AssociationError::Scope {
+                    structure: atsr.offset,
+                    error,
+                }),
+            }
+        }
+    }
+    let mut integrated = Vec::new();
+    for satc in dmar.satcs.iter().filter(|x| x.segment == topo.segment) {
+        for scope in satc
+            .scopes
+            .iter()
+            .filter(|s| s.kind == ScopeKind::PciEndpoint)
+        {
+            match scope.resolve(topo.segment, cfg) {
+                Ok(dev) => integrated.extend(topo.index_of(dev)),
+                Err(error) => a.errors.push(AssociationError::Scope {
+                    structure: satc.offset,
+                    error,
+                }),
+            }
+        }
+    }
+    for d in &mut a.devices {
+        let has_ats = topo
+            .functions
+            .get(d.index)
+            .is_some_and(|f| f.caps.ats.is_some());
+        d.ats_permitted = has_ats
+            && match root_port_of(topo, d.index) {
+                Some(port) => all_ports || ports.contains(&port),
+                None => integrated.contains(&d.index),
+            };
+    }
+}
+
 /// Associates every function of `topo` with an SMMU through the IORT.
 pub fn associate_iort(iort: &Iort, topo: &Topology) -> Association {
     let mut a = Association::new_for(topo);
     let smmus = iort.smmus();
     let segment = u32::from(topo.segment.0);
+    let rc_ats = iort
+        .root_complex(segment)
+        .and_then(|i| match &iort.nodes[i].kind {
+            NodeKind::RootComplex(rc) => Some(rc.ats_attribute & 1 != 0),
+            _ => None,
+        })
+        .unwrap_or(false);
     for d in &mut a.devices {
+        d.ats_permitted = rc_ats
+            && topo
+                .functions
+                .get(d.index)
+                .is_some_and(|f| f.caps.ats.is_some());
         match iort.translate_rid(segment, d.requester_id.requester_id()) {
             Ok(t) => {
                 if let Some((node, sid)) = t.smmu

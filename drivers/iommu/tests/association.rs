@@ -440,3 +440,110 @@ fn uncovered_devices_are_logged_as_errors() {
         "{logged:?}"
     );
 }
+
+#[test]
+fn ats_is_permitted_by_atsr_root_ports_and_satc() {
+    let m = ModelConfigSpace::new();
+    let ats_ep = |dev| {
+        FunctionBuilder::endpoint(0x8086, dev, 0x020000)
+            .pcie(PortType::Endpoint, false)
+            .ats(0, false)
+    };
+    m.add(
+        addr(0, 2, 0),
+        FunctionBuilder::endpoint(0x8086, 1, 0x030000)
+            .pcie(PortType::RootComplexIntegratedEndpoint, false)
+            .ats(0, true),
+    );
+    m.add(
+        addr(0, 3, 0),
+        FunctionBuilder::bridge(0x8086, 2, 0, 1, 1).pcie(PortType::RootPort, false),
+    );
+    m.add(addr(1, 0, 0), ats_ep(3));
+    m.add(
+        addr(0, 6, 0),
+        FunctionBuilder::bridge(0x8086, 4, 0, 2, 2).pcie(PortType::RootPort, false),
+    );
+    m.add(addr(2, 0, 0), ats_ep(5));
+    m.add(
+        addr(0, 7, 0),
+        FunctionBuilder::endpoint(0x8086, 6, 0x030000)
+            .pcie(PortType::RootComplexIntegratedEndpoint, false)
+            .ats(0, true),
+    );
+    m.add(
+        addr(0, 8, 0),
+        FunctionBuilder::endpoint(0x8086, 7, 0x030000),
+    ); // in SATC but no ATS capability
+    let topo = topology(&m);
+    let table = dmar::parse(&dmar_table(
+        38,
+        0,
+        &[
+            drhd(1, 0, 0, 0xfed9_0000, &[]),
+            atsr(
+                0,
+                0,
+                &[scope(2, 0, 0, &[(6, 0)]), scope(2, 0, 0, &[(9, 0), (0, 0)])],
+            ),
+            satc(
+                1,
+                0,
+                &[scope(1, 0, 0, &[(2, 0)]), scope(1, 0, 0, &[(8, 0)])],
+            ),
+        ],
+    ))
+    .unwrap();
+    let a = associate_dmar(&table, &topo, &m);
+    let ats = |x| a.get(x).unwrap().ats_permitted;
+    assert!(ats(addr(0, 2, 0)), "integrated, named by SATC");
+    assert!(!ats(addr(1, 0, 0)), "root port 00:03.0 not in the ATSR");
+    assert!(ats(addr(2, 0, 0)), "root port 00:06.0 in the ATSR");
+    assert!(!ats(addr(0, 7, 0)), "integrated, not in SATC");
+    assert!(!ats(addr(0, 8, 0)), "no ATS capability");
+    assert_eq!(
+        a.errors,
+        vec![AssociationError::Scope {
+            structure: 48 + 16,
+            error: ScopeError::MissingBridge {
+                at: addr(0, 9, 0),
+                hop: 0
+            }
+        }]
+    );
+
+    let all_ports = dmar::parse(&dmar_table(
+        38,
+        0,
+        &[drhd(1, 0, 0, 0xfed9_0000, &[]), atsr(1, 0, &[])],
+    ))
+    .unwrap();
+    let a = associate_dmar(&all_ports, &topo, &m);
+    assert!(
+        a.get(addr(1, 0, 0)).unwrap().ats_permitted && a.get(addr(2, 0, 0)).unwrap().ats_permitted
+    );
+    assert!(
+        !a.get(addr(0, 2, 0)).unwrap().ats_permitted,
+        "ALL_PORTS says nothing of integrated devices"
+    );
+
+    // IORT: the root complex's ATS attribute decides (QEMU fixture sets it).
+    let iort_table = iort::parse(include_bytes!("fixtures/qemu-virt-iort.bin")).unwrap();
+    let a = associate_iort(&iort_table, &topo);
+    assert!(a.get(addr(1, 0, 0)).unwrap().ats_permitted);
+    assert!(!a.get(addr(0, 8, 0)).unwrap().ats_permitted);
+}
+
+#[test]
+fn interrupt_sources_resolve_from_the_real_dump() {
+    let table = dmar::parse(include_bytes!("fixtures/qemu/q35-vtd-dmar.bin")).unwrap();
+    let m = ModelConfigSpace::new();
+    let (sources, errors) = table.interrupt_sources(&m);
+    assert_eq!(errors, vec![]);
+    assert_eq!(sources.len(), 1);
+    assert_eq!(
+        (sources[0].drhd, sources[0].kind, sources[0].id),
+        (0, dmar::ScopeKind::IoApic, 0)
+    );
+    assert_eq!(sources[0].source_id, PciAddress::new(0, 0xff, 0, 0));
+}

@@ -381,12 +381,33 @@ pub struct PasidCap {
     pub enabled: bool,
 }
 
-/// SR-IOV (PCIe Base 6.0 §9.3.3): InitialVFs at +0x0c, TotalVFs at +0x0e.
+/// SR-IOV (PCIe Base 6.0 §9.3.3): InitialVFs at +0x0c, TotalVFs at +0x0e,
+/// NumVFs at +0x10, First VF Offset at +0x14, VF Stride at +0x16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SriovCap {
     pub offset: u16,
     pub initial_vfs: u16,
     pub total_vfs: u16,
+    /// VFs currently configured (0 until software sets it).
+    pub num_vfs: u16,
+    pub first_vf_offset: u16,
+    pub vf_stride: u16,
+}
+
+impl SriovCap {
+    /// Requester ID of VF `n` (1-based) of the PF at `pf`: the PF's
+    /// routing ID plus First VF Offset plus `(n - 1)` strides (PCIe Base
+    /// 6.0 §9.3.3.10-11; the sum may carry into the bus number). `None`
+    /// for `n` outside `1..=total_vfs` or past requester ID 0xffff.
+    pub fn vf_requester_id(&self, pf: crate::Bdf, n: u16) -> Option<crate::Bdf> {
+        if n == 0 || n > self.total_vfs {
+            return None;
+        }
+        let rid = u32::from(pf.requester_id())
+            + u32::from(self.first_vf_offset)
+            + u32::from(n - 1) * u32::from(self.vf_stride);
+        u16::try_from(rid).ok().map(crate::Bdf::from_requester_id)
+    }
 }
 
 /// Everything Sluice needs to know about a function's capabilities, read
@@ -572,10 +593,16 @@ fn decode_extended_capability(
         ext_cap_id::SRIOV if caps.sriov.is_none() => {
             let initial_vfs = cfg.read16(addr, field(0x0c))?;
             let total_vfs = cfg.read16(addr, field(0x0e))?;
+            let num_vfs = cfg.read16(addr, field(0x10))?;
+            let first_vf_offset = cfg.read16(addr, field(0x14))?;
+            let vf_stride = cfg.read16(addr, field(0x16))?;
             caps.sriov = Some(SriovCap {
                 offset: at,
                 initial_vfs,
                 total_vfs,
+                num_vfs,
+                first_vf_offset,
+                vf_stride,
             });
         }
         ext_cap_id::ARI => caps.ari = true,

@@ -225,10 +225,15 @@ impl FunctionBuilder {
         self
     }
 
+    /// SR-IOV with VF routing: VF n has requester ID
+    /// `PF + first_vf_offset + (n - 1) * vf_stride`.
     pub fn sriov(mut self, initial_vfs: u16, total_vfs: u16) -> Self {
         let at = self.add_extended_capability(ext_cap_id::SRIOV, 1, 0x40);
         self.put16(at + 0x0c, initial_vfs);
         self.put16(at + 0x0e, total_vfs);
+        self.writable16(at + 0x10, 0xffff);
+        self.put16(at + 0x14, 0x80);
+        self.put16(at + 0x16, 2);
         self
     }
 

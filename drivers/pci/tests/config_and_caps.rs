@@ -321,7 +321,27 @@ fn capabilities_are_decoded() {
         (20, true, false)
     );
     let sriov = caps.sriov.unwrap();
-    assert_eq!((sriov.initial_vfs, sriov.total_vfs), (8, 64));
+    assert_eq!(
+        (sriov.initial_vfs, sriov.total_vfs, sriov.num_vfs),
+        (8, 64, 0)
+    );
+    assert_eq!((sriov.first_vf_offset, sriov.vf_stride), (0x80, 2));
+    // PF 00:05.0 is RID 0x0028: VF1 = 0x00a8 (00:15.0), VF64 = 0x00a8 + 63 * 2 = 0x0126 (01:04.6).
+    assert_eq!(
+        sriov.vf_requester_id(a.bdf, 1),
+        Some(sluice_pci::Bdf::new(0, 0x15, 0))
+    );
+    assert_eq!(
+        sriov.vf_requester_id(a.bdf, 64),
+        Some(sluice_pci::Bdf::new(1, 4, 6))
+    );
+    assert_eq!(sriov.vf_requester_id(a.bdf, 0), None);
+    assert_eq!(sriov.vf_requester_id(a.bdf, 65), None);
+    assert_eq!(
+        sriov.vf_requester_id(sluice_pci::Bdf::new(0xff, 0x1f, 7), 1),
+        None,
+        "past RID 0xffff"
+    );
     assert_eq!(
         caps.names(),
         vec![

@@ -418,6 +418,19 @@ impl fmt::Display for DmarError {
     }
 }
 
+/// An interrupt source a DRHD remaps: an I/O APIC or an MSI-capable HPET,
+/// with the source ID its interrupt requests carry (VT-d 4.1 §8.3.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterruptSource {
+    /// Index in [`Dmar::drhds`].
+    pub drhd: usize,
+    /// [`ScopeKind::IoApic`] or [`ScopeKind::HpetMsi`].
+    pub kind: ScopeKind,
+    /// I/O APIC ID or HPET number (the scope's enumeration ID).
+    pub id: u8,
+    pub source_id: PciAddress,
+}
+
 /// A problem found in one structure; `offset` is where the structure starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StructureError {
@@ -511,6 +524,34 @@ pub fn parse(bytes: &[u8]) -> Result<Dmar, DmarError> {
 }
 
 impl Dmar {
+    /// The I/O APICs and HPETs every DRHD remaps, with their source IDs;
+    /// scopes whose path cannot be followed are returned with the index of
+    /// their DRHD.
+    pub fn interrupt_sources(
+        &self,
+        cfg: &dyn ConfigSpace,
+    ) -> (Vec<InterruptSource>, Vec<(usize, ScopeError)>) {
+        let mut sources = Vec::new();
+        let mut errors = Vec::new();
+        for (drhd, unit) in self.drhds.iter().enumerate() {
+            for scope in &unit.scopes {
+                if !matches!(scope.kind, ScopeKind::IoApic | ScopeKind::HpetMsi) {
+                    continue;
+                }
+                match scope.resolve(unit.segment, cfg) {
+                    Ok(source_id) => sources.push(InterruptSource {
+                        drhd,
+                        kind: scope.kind,
+                        id: scope.enumeration_id,
+                        source_id,
+                    }),
+                    Err(e) => errors.push((drhd, e)),
+                }
+            }
+        }
+        (sources, errors)
+    }
+
     fn push_error(&mut self, offset: usize, structure_type: u16, error: DmarError) {
         self.errors.push(StructureError {
             offset,
