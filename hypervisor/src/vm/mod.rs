@@ -1,1 +1,9 @@
 //! Virtual machines: configuration, guest memory and guest boot.
+//!
+//! * [`config`]: the `vm=` command-line descriptions and their validation
+//!   against the platform's PCI functions and IOMMU groups;
+//! * [`memory`]: guest RAM backed by host frames, scrubbed, and the
+//!   iommufd [`GuestMemory`](crate::iommufd::GuestMemory) over it.
+
+pub mod config;
+pub mod memory;
