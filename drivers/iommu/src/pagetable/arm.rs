@@ -1,8 +1,8 @@
 //! Arm VMSAv8-64 translation tables with the 4 KiB granule: stage 1 (SMMUv3
 //! context descriptors) and stage 2 (SMMUv3 STEs and the CPU's VTTBR).
 //!
-//! Descriptor formats from the Arm ARM (DDI 0487), section D8.3
-//! ("Translation table descriptor formats"), 4 KiB granule, 48-bit output:
+//! Descriptor formats from the Arm ARM (DDI 0487), "Translation table
+//! descriptor formats" (D8.3 in issue J), 4 KiB granule, 48-bit output:
 //!
 //! * bits 1:0: `0b11` table (levels 0-2) or page (level 3), `0b01` block
 //!   (levels 1 and 2 only with 4 KiB granule), bit 0 clear: invalid.
@@ -132,7 +132,7 @@ pub struct ArmStage1 {
 
 /// The level count for an input size (TnSZ = 64 - input_bits): 4 levels
 /// start at Arm level 0 for 40-48 bits, 3 at level 1 for 31-39 bits (Arm ARM
-/// D8.2.6, 4 KiB granule).
+/// chapter D8, initial lookup level for the 4 KiB granule).
 fn arm_levels(input_bits: u32) -> Option<u8> {
     match input_bits {
         31..=39 => Some(3),
@@ -142,6 +142,11 @@ fn arm_levels(input_bits: u32) -> Option<u8> {
 }
 
 impl ArmStage1 {
+    /// TCR/CD.T0SZ for this input size.
+    pub const fn t0sz(&self) -> u8 {
+        (64 - self.input_bits) as u8
+    }
+
     /// `input_bits` = 64 - T0SZ (31-48); `output_bits` from IPS/OAS (at most
     /// 48).
     pub fn new(input_bits: u32, output_bits: u32) -> Result<Self, PageTableError> {
@@ -307,6 +312,17 @@ pub struct ArmStage2 {
 }
 
 impl ArmStage2 {
+    /// VTCR.T0SZ (or STE.S2T0SZ) for this input size.
+    pub const fn t0sz(&self) -> u8 {
+        (64 - self.input_bits) as u8
+    }
+
+    /// VTCR.SL0 (or STE.S2SL0) for the 4 KiB granule: 0b01 starts the walk
+    /// at Arm level 1 (3 levels), 0b10 at level 0 (4 levels).
+    pub const fn sl0(&self) -> u8 {
+        self.levels - 2
+    }
+
     /// `input_bits` = 64 - T0SZ (31-48); `output_bits` from PS/OAS (at most
     /// 48).
     pub fn new(input_bits: u32, output_bits: u32) -> Result<Self, PageTableError> {

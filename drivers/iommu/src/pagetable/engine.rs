@@ -196,8 +196,10 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
     /// non-coherent walker), then `invalidate` is called with the
     /// superpage's IOVA range and must invalidate it in every TLB and wait
     /// for completion, and only then is the table of smaller leaves linked
-    /// (Arm ARM DDI 0487 D8.14.1 "break-before-make" for block-to-table
-    /// changes; SMMUv3 IHI 0070 3.21.1 without SMMU_IDR3.BBML = 2). While
+    /// (Arm ARM DDI 0487, "Using break-before-make when updating
+    /// translation table entries", which covers block-to-table changes; the
+    /// SMMUv3 spec IHI 0070 applies the same rule unless SMMU_IDR3.BBML
+    /// reports level 2). While
     /// that happens, accesses to the rest of the superpage fault.
     pub fn unmap_with_break(
         &mut self,

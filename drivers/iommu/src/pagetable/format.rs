@@ -77,8 +77,9 @@ pub trait PageTableFormat {
 }
 
 /// x86 memory types, as encoded in VT-d EMT and EPT memory-type fields
-/// (Intel SDM vol. 3, table 11-2 / section 29.3.7; VT-d spec rev 4.0
-/// section 9.8). Values 2, 3 and 7 are reserved.
+/// (Intel SDM vol. 3A, "Memory Cache Control", memory-type encodings; vol.
+/// 3C, "EPT and Memory Typing"; VT-d spec rev 4.0 section 9.8, EMT). Values
+/// 2, 3 and 7 are reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(u8)]
 pub enum X86MemType {
@@ -108,7 +109,8 @@ impl X86MemType {
 }
 
 /// Arm shareability, the SH[1:0] field of VMSAv8-64 descriptors (Arm ARM
-/// DDI 0487, D8.6.2): 0b01 is reserved.
+/// DDI 0487, "Shareability and cacheability attributes"): 0b01 is
+/// reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(u8)]
 pub enum Shareability {

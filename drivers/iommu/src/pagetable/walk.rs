@@ -23,13 +23,13 @@ pub enum WalkKind {
     VtdSecondLevel,
     /// VT-d first-level: IA-32e paging layout (VT-d 9.7, SDM vol. 3A 4.5).
     VtdFirstLevel,
-    /// VMSAv8-64 stage 1, 4 KiB granule (Arm ARM D8.3).
+    /// VMSAv8-64 stage 1, 4 KiB granule (Arm ARM, descriptor formats).
     ArmStage1,
-    /// VMSAv8-64 stage 2, 4 KiB granule (Arm ARM D8.3).
+    /// VMSAv8-64 stage 2, 4 KiB granule (Arm ARM, descriptor formats).
     ArmStage2,
     /// AMD nested paging: long-mode layout (AMD APM vol. 2, 5.3 and 15.25).
     AmdNpt,
-    /// Intel EPT (SDM vol. 3C 29.3).
+    /// Intel EPT (SDM vol. 3C, "The Extended Page Table Mechanism").
     IntelEpt,
 }
 

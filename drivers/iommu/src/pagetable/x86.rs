@@ -7,7 +7,8 @@
 //! (in PDPTEs and PDEs; in PTEs bit 7 is PAT), bit 8 G, bits M-1:12 the
 //! address (M = MAXPHYADDR, at most 52), bit 63 XD/NX.
 //!
-//! EPT entries: Intel SDM vol. 3C section 29.3.2, tables 29-1 to 29-6. Bit 0
+//! EPT entries: Intel SDM vol. 3C, "EPT Translation Mechanism" (29.3.2 in
+//! the 2023 edition; chapter 28 in older ones), entry format tables. Bit 0
 //! read, bit 1 write, bit 2 execute, bits 5:3 memory type (leaves), bit 6
 //! ignore PAT (leaves), bit 7 PS (large-page leaves), bit 8 accessed, bit 9
 //! dirty (leaves), bits M-1:12 the address.
@@ -268,7 +269,7 @@ impl PageTableFormat for VtdFirstLevel {
 
 /// AMD nested page tables: long-mode entries translating guest-physical
 /// addresses. Every entry has U/S set because NPT walks treat all accesses
-/// as user accesses (AMD APM vol. 2, section 15.25.5).
+/// as user accesses (AMD APM vol. 2, section 15.25 "Nested Paging").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AmdNpt {
     mode: LongMode,
@@ -363,7 +364,7 @@ impl EptEntry {
         self.0
     }
     /// A non-leaf entry granting read, write and execute (access rights
-    /// combine across levels, SDM vol. 3C 29.3.3).
+    /// combine across levels, SDM vol. 3C "EPT-Induced VM Exits").
     pub const fn table(table: PhysAddr) -> Self {
         Self((table.as_u64() & Self::ADDRESS) | Self::READ | Self::WRITE | Self::EXECUTE)
     }
@@ -393,7 +394,7 @@ impl EptEntry {
         }
         Self(raw)
     }
-    /// Bits 2:0 all clear: not present (SDM vol. 3C 29.3.2).
+    /// Bits 2:0 all clear: not present (SDM vol. 3C, EPT translation).
     pub const fn is_present(self) -> bool {
         self.0 & (Self::READ | Self::WRITE | Self::EXECUTE) != 0
     }
@@ -440,6 +441,18 @@ impl IntelEpt {
             execute_only,
         })
     }
+
+    /// The EPT pointer for the VMCS (SDM vol. 3C, "Extended-Page-Table
+    /// Pointer (EPTP)"): bits 2:0 the paging-structure memory type (6,
+    /// write-back), bits 5:3 the page-walk length minus one, bit 6 enables
+    /// accessed/dirty flags, bits 51:12 the root table.
+    pub const fn eptp(&self, root: PhysAddr, accessed_dirty: bool) -> u64 {
+        let ad = if accessed_dirty { 1 << 6 } else { 0 };
+        (root.as_u64() & EptEntry::ADDRESS)
+            | ((self.levels as u64 - 1) << 3)
+            | ad
+            | X86MemType::WriteBack.bits()
+    }
 }
 
 impl PageTableFormat for IntelEpt {
@@ -459,7 +472,7 @@ impl PageTableFormat for IntelEpt {
     }
     fn check(&self, perms: MapPerms, _attrs: &EptAttrs) -> Result<(), PageTableError> {
         // Write without read is an EPT misconfiguration, and execute-only
-        // needs the capability (SDM vol. 3C 29.3.3.1).
+        // needs the capability (SDM vol. 3C, "EPT Misconfigurations").
         let ok = if perms.read {
             true
         } else {

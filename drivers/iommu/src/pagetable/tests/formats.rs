@@ -387,3 +387,19 @@ fn walker_rejects_level0_block_in_4_level_arm_tables() {
         Err(WalkFault::NotPresent { level: 3 })
     );
 }
+
+#[test]
+fn register_fields_for_the_root() {
+    let ept = IntelEpt::new(4, 46, false).unwrap();
+    // WB (6), walk length 4 - 1 = 3 in bits 5:3, A/D enable bit 6.
+    assert_eq!(
+        ept.eptp(pa(0x12_3000), true),
+        0x12_3000 | (3 << 3) | (1 << 6) | 6
+    );
+    assert_eq!(ept.eptp(pa(0x12_3000), false), 0x12_3000 | (3 << 3) | 6);
+    let s2 = ArmStage2::new(40, 44).unwrap();
+    assert_eq!((s2.t0sz(), s2.sl0()), (24, 0b10));
+    let s2 = ArmStage2::new(39, 44).unwrap();
+    assert_eq!((s2.t0sz(), s2.sl0()), (25, 0b01));
+    assert_eq!(ArmStage1::new(48, 48).unwrap().t0sz(), 16);
+}
