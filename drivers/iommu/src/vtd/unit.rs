@@ -520,6 +520,15 @@ impl<'a> VtdUnit<'a> {
         self.root
     }
 
+    /// The page invalidation-wait descriptors write their status to (the
+    /// unit writes it; the CPU only reads it).
+    pub fn invalidation_status_page(&self) -> Option<PhysAddr> {
+        match &self.invalidator {
+            Invalidator::Queue(q) => Some(q.status),
+            Invalidator::Registers => None,
+        }
+    }
+
     /// Pages held back because their invalidation failed.
     pub fn quarantined_pages(&self) -> usize {
         self.quarantine.iter().map(|p| p.pages().len()).sum()
