@@ -292,6 +292,20 @@ pub struct PcieCap {
     pub port_type: PortType,
     /// Function Level Reset Capability, DEVCAP bit 28 (PCIe Base §7.5.3.3).
     pub flr: bool,
+    /// ARI Forwarding Enable, Device Control 2 bit 5 (PCIe Base 6.0
+    /// §7.5.3.16; capability version 2 only): a port forwarding
+    /// configuration requests for device numbers other than 0, so the
+    /// function below may use all 8 bits of devfn as its function number.
+    pub ari_forwarding: bool,
+}
+
+/// Alternative Routing-ID Interpretation (PCIe Base 6.0 §7.8.7): the ARI
+/// Capability register at +4 holds the Next Function Number in bits 15:8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AriCap {
+    pub offset: u16,
+    /// The next higher function of the device, 0 for none.
+    pub next_function: u8,
 }
 
 /// MSI (PCI 3.0 §6.8.1): Message Control at +2.
@@ -425,7 +439,7 @@ pub struct Capabilities {
     pub pri: Option<PriCap>,
     pub pasid: Option<PasidCap>,
     pub sriov: Option<SriovCap>,
-    pub ari: bool,
+    pub ari: Option<AriCap>,
     /// Why a walk stopped early, or a capability could not be decoded.
     pub errors: Vec<CapError>,
 }
@@ -451,7 +465,7 @@ impl Capabilities {
             (self.pcie.is_some(), "pcie"),
             (self.flr(), "flr"),
             (self.acs.is_some(), "acs"),
-            (self.ari, "ari"),
+            (self.ari.is_some(), "ari"),
             (self.ats.is_some(), "ats"),
             (self.pri.is_some(), "pri"),
             (self.pasid.is_some(), "pasid"),
@@ -505,11 +519,18 @@ fn decode_capability(
         cap_id::PCI_EXPRESS if caps.pcie.is_none() => {
             let reg = cfg.read16(addr, at + 2)?;
             let devcap = cfg.read32(addr, at + 4)?;
+            let version = (reg & 0xf) as u8;
+            let devctl2 = if version >= 2 {
+                cfg.read16(addr, at + 0x28)?
+            } else {
+                0
+            };
             caps.pcie = Some(PcieCap {
                 offset: at,
-                version: (reg & 0xf) as u8,
+                version,
                 port_type: PortType::from_raw(((reg >> 4) & 0xf) as u8),
                 flr: devcap & (1 << 28) != 0,
+                ari_forwarding: devctl2 & (1 << 5) != 0,
             });
         }
         cap_id::MSI if caps.msi.is_none() => {
@@ -605,7 +626,13 @@ fn decode_extended_capability(
                 vf_stride,
             });
         }
-        ext_cap_id::ARI => caps.ari = true,
+        ext_cap_id::ARI if caps.ari.is_none() => {
+            let capability = cfg.read16(addr, field(4))?;
+            caps.ari = Some(AriCap {
+                offset: at,
+                next_function: (capability >> 8) as u8,
+            });
+        }
         _ => {}
     }
     Ok(())

@@ -58,6 +58,9 @@ pub struct Function {
     pub bars: Vec<Bar>,
     pub bar_errors: Vec<BarError>,
     pub caps: Capabilities,
+    /// Found through an ARI Next Function chain: `devfn` is all function
+    /// number, and every function on the bus belongs to device 0.
+    pub ari_function: bool,
 }
 
 impl Function {
@@ -94,6 +97,12 @@ pub enum EnumError {
         bridge: PciAddress,
         secondary: u8,
     },
+    /// An ARI Next Function Number that does not go up (would loop), or
+    /// names a function that does not answer; the chain stops there.
+    AriChainBroken {
+        function: PciAddress,
+        next: u8,
+    },
     Config(ConfigError),
 }
 
@@ -126,6 +135,10 @@ impl fmt::Display for EnumError {
                     "bridge {bridge}: bus {secondary:#04x} already scanned; not followed"
                 )
             }
+            Self::AriChainBroken { function, next } => write!(
+                f,
+                "{function}: ARI next function {next:#04x} is not a higher function that answers; chain stopped"
+            ),
             Self::Config(e) => write!(f, "{e}"),
         }
     }
@@ -194,7 +207,13 @@ pub fn enumerate(
             continue;
         }
         let first_new = topo.functions.len();
-        scan_bus(cfg, segment, bus, upstream, &mut topo);
+        let ari = upstream
+            .and_then(|u| topo.functions.get(u))
+            .and_then(|f| f.caps.pcie)
+            .is_some_and(|p| p.ari_forwarding);
+        if !(ari && scan_ari_device(cfg, segment, bus, upstream, &mut topo)) {
+            scan_bus(cfg, segment, bus, upstream, &mut topo);
+        }
         let mut children = Vec::new();
         for index in first_new..topo.functions.len() {
             let f = &topo.functions[index];
@@ -243,6 +262,59 @@ pub fn enumerate(
         }
     }
     topo
+}
+
+/// Below a port with ARI forwarding, follows the Next Function chain of an
+/// ARI device at devfn 0 (PCIe Base 6.0 §6.13). Returns false when devfn 0
+/// holds no ARI device, so the bus is scanned the conventional way.
+fn scan_ari_device(
+    cfg: &dyn ConfigSpace,
+    segment: Segment,
+    bus: u8,
+    upstream: Option<usize>,
+    topo: &mut Topology,
+) -> bool {
+    let first = PciAddress::from_parts(segment, Bdf::new(bus, 0, 0));
+    let f0 = match probe_function(cfg, first, upstream) {
+        Ok(Some(f)) if f.caps.ari.is_some() => f,
+        _ => return false,
+    };
+    let mut current = f0;
+    loop {
+        let next = current.caps.ari.map_or(0, |a| a.next_function);
+        let here = current.addr;
+        let here_fn = here.bdf.devfn();
+        current.ari_function = true;
+        topo.functions.push(current);
+        if next == 0 {
+            return true;
+        }
+        let broken = EnumError::AriChainBroken {
+            function: here,
+            next,
+        };
+        if next <= here_fn {
+            log::warn!("pci: {broken}");
+            topo.errors.push(broken);
+            return true;
+        }
+        let addr = PciAddress::from_parts(
+            segment,
+            Bdf::from_requester_id(u16::from(bus) << 8 | u16::from(next)),
+        );
+        match probe_function(cfg, addr, upstream) {
+            Ok(Some(f)) => current = f,
+            Ok(None) => {
+                log::warn!("pci: {broken}");
+                topo.errors.push(broken);
+                return true;
+            }
+            Err(e) => {
+                topo.errors.push(EnumError::Config(e));
+                return true;
+            }
+        }
+    }
 }
 
 fn scan_bus(
@@ -331,5 +403,6 @@ fn probe_function(
         bars,
         bar_errors,
         caps,
+        ari_function: false,
     }))
 }

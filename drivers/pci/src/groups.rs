@@ -32,7 +32,8 @@
 //! Functions are merged into one group when:
 //! * they share an effective requester ID (own BDF or alias), or one's
 //!   alias is another's own BDF;
-//! * they are functions of one multi-function device and not every
+//! * they are functions of one multi-function device (all functions of an
+//!   ARI device count as one device) and not every
 //!   function has ACS P2P Request Redirect and Completion Redirect enabled
 //!   (without these, functions may talk to each other internally);
 //! * they are below the same bridge that does not isolate its downstream
@@ -169,10 +170,13 @@ pub fn iommu_groups(topo: &Topology) -> Groups {
     // Multi-function devices without ACS redirect on every function.
     let mut slots: BTreeMap<(u8, u8), Vec<usize>> = BTreeMap::new();
     for (i, f) in topo.functions.iter().enumerate() {
-        slots
-            .entry((f.addr.bdf.bus(), f.addr.bdf.device()))
-            .or_default()
-            .push(i);
+        // Under ARI every function on the bus belongs to device 0.
+        let device = if f.ari_function {
+            0
+        } else {
+            f.addr.bdf.device()
+        };
+        slots.entry((f.addr.bdf.bus(), device)).or_default().push(i);
     }
     let redirect = AcsFlags::P2P_REQUEST_REDIRECT | AcsFlags::P2P_COMPLETION_REDIRECT;
     for members in slots.values() {

@@ -34,6 +34,7 @@ pub struct FunctionBuilder {
     ext_last: Option<u16>,
     next_ext: u16,
     bar_slots: u8,
+    pcie_at: Option<u16>,
 }
 
 impl FunctionBuilder {
@@ -46,6 +47,7 @@ impl FunctionBuilder {
             ext_last: None,
             next_ext: 0x100,
             bar_slots: if header_type == 1 { 2 } else { 6 },
+            pcie_at: None,
         };
         b.put16(0, vendor);
         b.put16(2, device);
@@ -150,6 +152,7 @@ impl FunctionBuilder {
     /// The PCI Express capability (version 2) with a device/port type.
     pub fn pcie(mut self, port_type: PortType, flr: bool) -> Self {
         let at = self.add_capability(cap_id::PCI_EXPRESS, 0x3c);
+        self.pcie_at = Some(at);
         self.put16(at + 2, 2 | (u16::from(port_type.raw()) << 4));
         self.put32(at + 4, if flr { 1 << 28 } else { 0 });
         self
@@ -237,8 +240,20 @@ impl FunctionBuilder {
         self
     }
 
-    pub fn ari(mut self) -> Self {
-        self.add_extended_capability(ext_cap_id::ARI, 1, 8);
+    /// ARI with the next function number of the device's chain.
+    pub fn ari(mut self, next_function: u8) -> Self {
+        let at = self.add_extended_capability(ext_cap_id::ARI, 1, 8);
+        self.put16(at + 4, u16::from(next_function) << 8);
+        self
+    }
+
+    /// Sets ARI Forwarding Enable in the PCI Express capability's Device
+    /// Control 2 (call after [`FunctionBuilder::pcie`]).
+    pub fn ari_forwarding(mut self) -> Self {
+        if let Some(at) = self.pcie_at {
+            let v = self.get16(at + 0x28) | (1 << 5);
+            self.put16(at + 0x28, v);
+        }
         self
     }
 

@@ -319,3 +319,77 @@ fn bus_loops_and_wild_secondary_buses_are_not_followed() {
         }]
     );
 }
+
+fn ari_machine(acs: bool, last_next: u8) -> ModelConfigSpace {
+    let m = ModelConfigSpace::new();
+    m.add(addr(0, 1, 0), root_port(1, 1, true).ari_forwarding());
+    let redirect = AcsFlags::P2P_REQUEST_REDIRECT | AcsFlags::P2P_COMPLETION_REDIRECT;
+    // Functions 0, 8 and 0x11 chained by ARI Next Function Number.
+    for (devfn, next) in [(0u8, 8u8), (8, 0x11), (0x11, last_next)] {
+        let mut f = endpoint(0x1572).multi_function().ari(next);
+        if acs {
+            f = f.acs(redirect, redirect);
+        }
+        m.add(addr(1, devfn >> 3, devfn & 7), f);
+    }
+    m
+}
+
+#[test]
+fn ari_devices_are_enumerated_through_the_next_function_chain() {
+    let m = ari_machine(true, 0);
+    let t = enumerate_machine(&m);
+    assert_eq!(t.errors, vec![]);
+    let below: Vec<_> = t
+        .functions
+        .iter()
+        .filter(|f| f.addr.bdf.bus() == 1)
+        .collect();
+    assert_eq!(
+        below.iter().map(|f| f.addr).collect::<Vec<_>>(),
+        vec![addr(1, 0, 0), addr(1, 1, 0), addr(1, 2, 1)]
+    );
+    assert!(below.iter().all(|f| f.ari_function));
+    assert_eq!(below[1].caps.ari.map(|a| a.next_function), Some(0x11));
+    let g = iommu_groups(&t);
+    let group = |a| g.group_of[t.index_of(a).unwrap()];
+    assert_ne!(
+        group(addr(1, 0, 0)),
+        group(addr(1, 1, 0)),
+        "ACS redirect on every function"
+    );
+
+    // Without ACS, all functions of the ARI device share one group, even
+    // though their devfns span several "device numbers".
+    let t = enumerate_machine(&ari_machine(false, 0));
+    let g = iommu_groups(&t);
+    let group = |a| g.group_of[t.index_of(a).unwrap()];
+    assert_eq!(group(addr(1, 0, 0)), group(addr(1, 1, 0)));
+    assert_eq!(group(addr(1, 0, 0)), group(addr(1, 2, 1)));
+}
+
+#[test]
+fn broken_ari_chains_stop_with_an_error() {
+    // 0x11 points back to 8: would loop.
+    let t = enumerate_machine(&ari_machine(true, 8));
+    assert_eq!(
+        t.errors,
+        vec![EnumError::AriChainBroken {
+            function: addr(1, 2, 1),
+            next: 8
+        }]
+    );
+    assert_eq!(
+        t.functions.iter().filter(|f| f.addr.bdf.bus() == 1).count(),
+        3
+    );
+    // 0x11 points to a function that does not answer.
+    let t = enumerate_machine(&ari_machine(true, 0x40));
+    assert_eq!(
+        t.errors,
+        vec![EnumError::AriChainBroken {
+            function: addr(1, 2, 1),
+            next: 0x40
+        }]
+    );
+}
