@@ -3,6 +3,12 @@
 //! §7.6). Both come from devices, so both walks stop on loops, on pointers
 //! into the header or past the end of the space, and on misaligned
 //! pointers, recording which of these happened.
+//!
+//! PCI 3.0 §6.7 reserves the low two bits of a capability pointer (they
+//! must be zero; software is told to mask them). A device that sets them
+//! is out of spec, and its list is more likely corrupt than merely
+//! sloppy, so the walk stops there with [`CapError::Misaligned`] rather
+//! than guessing: capabilities found before it are kept.
 
 use alloc::vec::Vec;
 use core::fmt;
