@@ -321,7 +321,11 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
 
     /// Allocates `count` zeroed tables, or none at all.
     fn allocate_pool(&self, count: usize) -> Result<Vec<PhysAddr>, PageTableError> {
-        let mut pool = Vec::with_capacity(count);
+        // `count` follows from caller-supplied lengths: a huge request must
+        // fail cleanly, not abort on a heap allocation failure.
+        let mut pool = Vec::new();
+        pool.try_reserve_exact(count)
+            .map_err(|_| PageTableError::OutOfMemory)?;
         for _ in 0..count {
             match self.mem.alloc_page() {
                 Ok(page) => pool.push(page),

@@ -46,7 +46,13 @@ pub struct PendingFree {
 
 impl PendingFree {
     pub(super) fn push(&mut self, page: PhysAddr) {
-        self.pages.push(page);
+        if self.pages.try_reserve(1).is_ok() {
+            self.pages.push(page);
+        } else {
+            // The table is already unlinked; losing track of it only leaks
+            // it, which is safe, unlike freeing it before invalidation.
+            log::error!("no heap left to queue unlinked IO page table {page}; leaking it");
+        }
     }
 
     /// The pages waiting to be freed.
@@ -112,9 +118,12 @@ pub struct Invalidation {
 
 impl Invalidation {
     pub(super) fn new(kind: ChangeKind) -> Self {
+        let mut ranges = Vec::new();
+        // Room for the common case up front; `record` copes without it.
+        let _ = ranges.try_reserve(4);
         Self {
             kind,
-            ranges: Vec::new(),
+            ranges,
             largest_page: 0,
             tables_installed: false,
             tables_freed: false,
@@ -128,11 +137,15 @@ impl Invalidation {
     /// only ever looks at the last range.
     pub(super) fn record(&mut self, start: u64, len: u64, leaf_size: u64) {
         let end = start + len;
+        self.largest_page = self.largest_page.max(leaf_size);
+        let adjacent = self.ranges.last().is_some_and(|last| last.end == start);
+        // Out of heap mid-change: widen the last range over the gap instead,
+        // since invalidating unchanged pages too is always safe.
+        let no_room = !adjacent && self.ranges.try_reserve(1).is_err();
         match self.ranges.last_mut() {
-            Some(last) if last.end == start => last.end = end,
+            Some(last) if adjacent || no_room => last.end = end,
             _ => self.ranges.push(IovaRange::new(start, end)),
         }
-        self.largest_page = self.largest_page.max(leaf_size);
     }
 
     pub(super) fn touch_leaf(&mut self, leaf_size: u64) {

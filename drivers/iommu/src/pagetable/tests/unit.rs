@@ -898,3 +898,39 @@ fn arm_split_needs_break_before_make() {
     pt.destroy().release(&mem);
     assert_eq!(mem.live_pages(), 0);
 }
+
+#[test]
+fn huge_requests_fail_cleanly() {
+    let mem = ModelMemory::new();
+    let mut pt = new_vtd(&mem, PageSize::Size1G);
+    pt.map(
+        0x1000,
+        PhysAddr::new(0x1000),
+        K4,
+        MapPerms::READ,
+        VtdSlAttrs::default(),
+    )
+    .unwrap()
+    .complete(&mem);
+    let before = snapshot(&pt, &mem);
+    // 1 TiB with only 4 KiB alignment would need ~2^19 tables; the
+    // allocator gives out 100.
+    mem.fail_allocation_after(Some(100));
+    let r = pt.map(
+        1 << 40,
+        PhysAddr::new(K4),
+        1 << 40,
+        MapPerms::READ,
+        VtdSlAttrs::default(),
+    );
+    mem.fail_allocation_after(None);
+    assert_eq!(r.map(|_| ()), Err(PageTableError::OutOfMemory));
+    assert_eq!(snapshot(&pt, &mem), before);
+    assert_eq!(mem.live_pages(), 4);
+    // Unmapping the whole input space walks only what exists.
+    let inv = pt.unmap(0, 1 << 48).unwrap();
+    assert_eq!(inv.ranges(), &[IovaRange::new(0x1000, 0x2000)]);
+    inv.complete(&mem);
+    assert_eq!(mem.live_pages(), 1);
+    pt.destroy().release(&mem);
+}
