@@ -37,9 +37,9 @@
 //!
 //! Guest BDFs: the guest sees its devices on bus 0 of segment 0; each
 //! distinct host device (segment, bus, device) gets the next device
-//! number from 1, in the order of the `dev=` list, and keeps its
-//! function number, so the functions of a multi-function device stay
-//! together.
+//! number from 1, in the order of the `dev=` list; the functions of one
+//! host device stay together in that slot, numbered from 0 in host
+//! function order (a guest only scans functions 1-7 after finding 0).
 
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
@@ -537,7 +537,16 @@ fn guest_bdfs(devices: &[PciAddress]) -> (Vec<Bdf>, usize) {
                     slots.len() - 1
                 }
             };
-            Bdf::new(0, (slot + 1).min(31) as u8, d.bdf.function())
+            // Functions are renumbered from 0 in host order, so that the
+            // guest always finds function 0 of a slot.
+            let function = devices
+                .iter()
+                .filter(|o| {
+                    (o.segment.0, o.bdf.bus(), o.bdf.device()) == key
+                        && o.bdf.function() < d.bdf.function()
+                })
+                .count();
+            Bdf::new(0, (slot + 1).min(31) as u8, function as u8)
         })
         .collect();
     (bdfs, slots.len())
@@ -891,6 +900,9 @@ mod tests {
             ]
         );
         assert_eq!(valid[1].devices[0].guest, Bdf::new(0, 1, 0));
+        // Function 1 alone becomes guest function 0.
+        let valid = validate(&[vm("c", 2 << 20, &[addr(0, 5, 1)])], &platform(), LIMITS).unwrap();
+        assert_eq!(valid[0].devices[0].guest, Bdf::new(0, 1, 0));
     }
 
     #[test]
