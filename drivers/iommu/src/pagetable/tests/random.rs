@@ -355,7 +355,7 @@ fn check_everything<F: TestFormat>(
     }
 }
 
-const OPS: usize = 1000;
+const OPS: usize = 800;
 const SEEDS: [u64; 2] = [1, 0x5eed_cafe];
 
 fn coherent(max: PageSize) -> TableConfig {
