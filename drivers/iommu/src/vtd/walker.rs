@@ -484,3 +484,162 @@ pub fn translate<M: DmaMemory + ?Sized>(
     check_access(&walk, req.write)?;
     Ok(Translated { context, walk })
 }
+
+#[cfg(test)]
+mod tests {
+    use sluice_hal::model::ModelMemory;
+
+    use super::*;
+    use crate::vtd::structs::{
+        ContextEntry, PasidDirEntry, PasidEntry, RootEntry, ScalableContextEntry, TranslationType,
+    };
+
+    const CFG: WalkerConfig = WalkerConfig {
+        mgaw: 48,
+        sagaw: 0b0100,
+        haw: 46,
+    };
+
+    fn put(mem: &ModelMemory, addr: PhysAddr, words: &[u64]) {
+        for (i, w) in words.iter().enumerate() {
+            mem.write_u64(PhysAddr::new(addr.as_u64() + 8 * i as u64), *w);
+        }
+    }
+
+    #[test]
+    fn legacy_context_programming_errors_are_faults_with_spec_reasons() {
+        let mem = ModelMemory::new();
+        let root = mem.alloc_page().expect("page");
+        let ctx = mem.alloc_page().expect("page");
+        let table = mem.alloc_page().expect("page");
+        put(&mem, root, &RootEntry::legacy(ctx).words());
+        let req = DmaRequest::read(0x0008, 0x1000);
+        // AW 1 (3-level) is not offered by SAGAW 0b0100 (4-level only).
+        put(
+            &mem,
+            PhysAddr::new(ctx.as_u64() + 8 * 16),
+            &ContextEntry::new(table, 1, 5, TranslationType::UntranslatedOnly).words(),
+        );
+        let fault = translate(&mem, root.as_u64(), &req, &CFG).map(|t| t.walk.phys);
+        assert_eq!(fault, Err(TranslationFault::ContextInvalid));
+        assert_eq!(
+            TranslationFault::ContextInvalid.reason_code(false, false),
+            0x03
+        );
+        // TT = 11b is reserved.
+        put(
+            &mem,
+            PhysAddr::new(ctx.as_u64() + 8 * 16),
+            &[table.as_u64() | 0b1101, 2 | (5 << 8)],
+        );
+        assert_eq!(
+            resolve(&mem, root.as_u64(), &req, &CFG).map(|c| c.did),
+            Err(TranslationFault::ContextInvalid)
+        );
+        // A valid 4-level entry with an empty table: the read lacks
+        // permission at the top level (legacy reason 6, write 5).
+        put(
+            &mem,
+            PhysAddr::new(ctx.as_u64() + 8 * 16),
+            &ContextEntry::new(table, 2, 5, TranslationType::UntranslatedOnly).words(),
+        );
+        let err = translate(&mem, root.as_u64(), &req, &CFG).map(|t| t.walk.phys);
+        assert_eq!(err, Err(TranslationFault::NotPresent { level: 3 }));
+        assert_eq!(
+            TranslationFault::NotPresent { level: 3 }.reason_code(false, false),
+            0x06
+        );
+        assert_eq!(
+            TranslationFault::NotPresent { level: 3 }.reason_code(false, true),
+            0x05
+        );
+        // Beyond MGAW.
+        let far = DmaRequest::read(0x0008, 1 << 48);
+        assert_eq!(
+            translate(&mem, root.as_u64(), &far, &CFG).map(|t| t.walk.phys),
+            Err(TranslationFault::AddressBeyondWidth)
+        );
+        // PASID-tagged requests have no meaning in legacy mode.
+        assert_eq!(
+            resolve(&mem, root.as_u64(), &req.with_pasid(1), &CFG).map(|c| c.did),
+            Err(TranslationFault::TranslationTypeBlocked)
+        );
+    }
+
+    #[test]
+    fn scalable_pasid_structures_are_checked_in_order() {
+        let mem = ModelMemory::new();
+        let root = mem.alloc_page().expect("page");
+        let ctx = mem.alloc_page().expect("page");
+        let dir = mem.alloc_page().expect("page");
+        let ptable = mem.alloc_page().expect("page");
+        let fl_root = mem.alloc_page().expect("page");
+        let rtaddr = root.as_u64() | (1 << 10);
+        put(&mem, root, &RootEntry::scalable(Some(ctx), None).words());
+        let sid = 0x0010u16; // devfn 16: lower half
+        let entry_addr = PhysAddr::new(ctx.as_u64() + 16 * 32);
+        // PASIDE clear: PASID-tagged requests fault.
+        put(
+            &mem,
+            entry_addr,
+            &ScalableContextEntry::new(dir, 0, 0).words(),
+        );
+        let tagged = DmaRequest::read(sid, 0x1000).with_pasid(70);
+        assert_eq!(
+            resolve(&mem, rtaddr, &tagged, &CFG).map(|c| c.did),
+            Err(TranslationFault::PasidNotEnabled)
+        );
+        // PDTS 0: 128 directory entries → PASIDs below 8192.
+        put(
+            &mem,
+            entry_addr,
+            &ScalableContextEntry::new(dir, 0, 0)
+                .with_pasid_enable()
+                .words(),
+        );
+        let beyond = DmaRequest::read(sid, 0).with_pasid(8192);
+        assert_eq!(
+            resolve(&mem, rtaddr, &beyond, &CFG).map(|c| c.did),
+            Err(TranslationFault::PasidBeyondDirectory)
+        );
+        assert_eq!(
+            resolve(&mem, rtaddr, &tagged, &CFG).map(|c| c.did),
+            Err(TranslationFault::PasidDirNotPresent)
+        );
+        put(
+            &mem,
+            PhysAddr::new(dir.as_u64() + 8),
+            &[PasidDirEntry::new(ptable).raw()],
+        );
+        assert_eq!(
+            resolve(&mem, rtaddr, &tagged, &CFG).map(|c| c.did),
+            Err(TranslationFault::PasidEntryNotPresent)
+        );
+        assert_eq!(
+            TranslationFault::PasidEntryNotPresent.reason_code(true, false),
+            0x59
+        );
+        // PASID 70 = directory 1, entry 6; PGTT nested is not modelled.
+        let pe = PhysAddr::new(ptable.as_u64() + 6 * 64);
+        put(&mem, pe, &[1 | (0b011 << 6), 9, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            resolve(&mem, rtaddr, &tagged, &CFG).map(|c| c.did),
+            Err(TranslationFault::PasidEntryInvalid)
+        );
+        put(&mem, pe, &PasidEntry::first_level(fl_root, 4, 9).words());
+        let c = resolve(&mem, rtaddr, &tagged, &CFG).expect("resolved");
+        assert_eq!(
+            (c.did, c.pasid, c.kind),
+            (9, Some(70), TableKind::FirstLevel { levels: 4 })
+        );
+        // First-level input must be canonical lower half.
+        assert_eq!(
+            walk_tables(&mem, &c, 1 << 47, &CFG, None).map(|w| w.phys),
+            Err(TranslationFault::NonCanonical)
+        );
+        assert_eq!(
+            walk_tables(&mem, &c, 0x1000, &CFG, None).map(|w| w.phys),
+            Err(TranslationFault::NotPresent { level: 3 })
+        );
+    }
+}

@@ -409,3 +409,98 @@ fn rmrr_regions_are_identity_mapped_for_their_devices() {
     unit.detach_device(DEV_B).expect("detach");
     assert!(!unit.is_rmrr_device(DEV_B));
 }
+
+#[test]
+fn five_level_tables_translate_high_iovas() {
+    let mem = ModelMemory::new();
+    let caps = CapBuilder {
+        mgaw: 57,
+        ..CapBuilder::server()
+    };
+    let clock = clock();
+    for mode in [ModeRequest::Legacy, ModeRequest::Scalable] {
+        let model = model(&mem, caps);
+        let mut unit = init(&model, &mem, &clock, mode);
+        let wide = DomainConfig {
+            address_width: Some(57),
+            ..DomainConfig::second_level()
+        };
+        let dom = unit.alloc_domain(wide).expect("5-level domain");
+        let info = unit.domain_info(dom).expect("info");
+        assert_eq!((info.levels, info.iova_limit), (5, 1 << 57));
+        let high = 0x0123_4567_8000_0000u64;
+        unit.map(
+            dom,
+            high,
+            phys(0x1_2340_0000),
+            0x20_0000,
+            MapPerms::READ_WRITE,
+        )
+        .expect("map high");
+        unit.attach_device(DEV_A, dom).expect("attach");
+        assert_eq!(
+            model.dma(write(DEV_A, high + 0x1_2345)).map(|o| o.phys),
+            Ok(phys(0x1_2341_2345)),
+            "{mode:?}"
+        );
+        let root = model.active_root().expect("root");
+        let t = walker::translate(&mem, root, &read(DEV_A, high), &model.walker_config())
+            .expect("walk");
+        assert_eq!(t.context.kind, walker::TableKind::SecondLevel { levels: 5 });
+        assert_eq!(t.walk.page_size, 0x20_0000, "a 2 MiB leaf");
+    }
+    // First-level 5-level paging (CAP.FL5LP): the canonical lower half of
+    // 57 bits.
+    let model = model(&mem, caps);
+    let mut unit = init(&model, &mem, &clock, ModeRequest::Scalable);
+    let fl = DomainConfig {
+        address_width: Some(57),
+        ..DomainConfig::first_level()
+    };
+    let dom = unit.alloc_domain(fl).expect("fl5");
+    let info = unit.domain_info(dom).expect("info");
+    assert_eq!((info.levels, info.iova_limit), (5, 1 << 56));
+    unit.map(dom, 1 << 55, phys(0x7000), PAGE, MapPerms::READ)
+        .expect("map");
+    unit.attach_pasid(DEV_A, 3, dom).expect("attach");
+    assert_eq!(
+        model
+            .dma(read(DEV_A, 1 << 55).with_pasid(3))
+            .map(|o| o.phys),
+        Ok(phys(0x7000))
+    );
+}
+
+const PAGE: u64 = 0x1000;
+
+#[test]
+fn a_second_init_takes_the_unit_over_from_running_firmware() {
+    let mem = ModelMemory::new();
+    let model = model(&mem, CapBuilder::qemu_default());
+    let clock = clock();
+    // "Firmware": translation and queued invalidation on, a device mapped.
+    let mut firmware = init(&model, &mem, &clock, ModeRequest::Legacy);
+    let dom = firmware
+        .alloc_domain(DomainConfig::second_level())
+        .expect("domain");
+    firmware
+        .map(dom, 0, phys(0x1000), PAGE, MapPerms::READ)
+        .expect("map");
+    firmware.attach_device(DEV_A, dom).expect("attach");
+    assert!(model.dma(read(DEV_A, 0)).is_ok());
+    model.clear_events();
+
+    let unit = init(&model, &mem, &clock, ModeRequest::Legacy);
+    use crate::vtd::regs::global::{
+        QUEUED_INVALIDATION as QIE, SET_ROOT_TABLE as SRTP, TRANSLATION_ENABLE as TE,
+    };
+    // QIE off (IQA may only change then), the new root with TE kept on,
+    // QIE on again; TE is never switched off, so DMA is never untranslated.
+    assert_eq!(model.gcmd_writes(), [TE, TE | SRTP, TE | QIE]);
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+    assert_eq!(model.active_root(), Some(unit.root_table().as_u64()));
+    assert_eq!(
+        model.dma(read(DEV_A, 0)),
+        Err(TranslationFault::RootNotPresent)
+    );
+}

@@ -592,3 +592,47 @@ fn first_level_domains_invalidate_per_pasid() {
         "the cached first-level translation is gone"
     );
 }
+
+#[test]
+fn scalable_ats_devices_get_pasid_device_tlb_invalidations() {
+    let mem = ModelMemory::new();
+    let model = model(&mem, CapBuilder::server());
+    let clock = clock();
+    let mut unit = init(&model, &mem, &clock, ModeRequest::Scalable);
+    let ats = AtsConfig {
+        pfsid: DEV_A,
+        queue_depth: 0,
+    };
+    unit.enable_device_tlb(DEV_A, ats).expect("ats");
+    let fl = unit.alloc_domain(DomainConfig::first_level()).expect("fl");
+    let sl = unit.alloc_domain(DomainConfig::second_level()).expect("sl");
+    unit.attach_pasid(DEV_A, 4, fl).expect("pasid");
+    unit.attach_device(DEV_A, sl).expect("rid");
+    unit.map(fl, 0x4000, phys(0x8000), PAGE_SIZE, MapPerms::READ)
+        .expect("map");
+    unit.map(sl, 0x4000, phys(0x9000), PAGE_SIZE, MapPerms::READ)
+        .expect("map");
+    model.clear_events();
+    unit.unmap(fl, 0x4000, PAGE_SIZE).expect("unmap fl");
+    assert_eq!(
+        model.invalidations()[1],
+        Inv::PasidDeviceTlb {
+            sid: DEV_A.requester_id(),
+            pasid: 4,
+            global: false,
+            addr: 0x4000,
+            order: 0
+        }
+    );
+    model.clear_events();
+    unit.unmap(sl, 0x4000, PAGE_SIZE).expect("unmap sl");
+    assert_eq!(
+        model.invalidations()[1],
+        Inv::DeviceTlb {
+            sid: DEV_A.requester_id(),
+            addr: 0x4000,
+            order: 0
+        }
+    );
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
