@@ -371,8 +371,13 @@ mod tests {
     #[test]
     fn selects_by_arch_and_filter() {
         let all = select(SCENARIOS, &Arch::ALL, None);
-        assert_eq!(all.len(), SCENARIOS.len() * 2);
+        let runs: usize = SCENARIOS.iter().map(|s| s.arches.len()).sum();
+        assert_eq!(all.len(), runs);
         assert_eq!(all[0].0, Arch::X86_64);
+        assert!(all.iter().all(|(arch, s)| s.runs_on(*arch)));
+        let aarch64 = select(SCENARIOS, &[Arch::Aarch64], None);
+        assert!(aarch64.iter().all(|(arch, _)| *arch == Arch::Aarch64));
+        assert!(aarch64.iter().all(|(_, s)| s.name != "svm"));
         let ids: Vec<String> = select(SCENARIOS, &Arch::ALL, Some("aarch64-fa"))
             .iter()
             .map(|(arch, s)| s.id(*arch))
@@ -410,7 +415,11 @@ mod tests {
             .run(&select(SCENARIOS, &Arch::ALL, None), &mut out)
             .unwrap();
         assert_eq!(summary.passed, 0);
-        assert_eq!(summary.failed, SCENARIOS.len() * 2);
+        assert_eq!(summary.failed, reports.len());
+        assert_eq!(
+            reports.len(),
+            SCENARIOS.iter().map(|s| s.arches.len()).sum::<usize>()
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(
             text.contains("not run: qemu-system-aarch64 is not on PATH"),

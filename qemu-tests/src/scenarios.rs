@@ -114,6 +114,15 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: EDU,
         ..Scenario::DEFAULT
     },
+    // AMD SVM under TCG: VMRUN runs 64-bit guest code and its VMMCALL,
+    // CPUID and HLT exits are handled (x86_64 only: TCG has no VMX, and
+    // aarch64 guests are another backend).
+    Scenario {
+        name: "svm",
+        arches: &[Arch::X86_64],
+        cmdline: "test=svm",
+        ..Scenario::DEFAULT
+    },
 ];
 
 /// One `edu` DMA device with its DMA mask raised from 28 to 64 bits: virt's
