@@ -187,7 +187,9 @@ pub struct FirstLevelAttrs {
 /// the IOMMU for PASID-granular translation (VT-d spec rev 4.0, section 9.7:
 /// "first-stage paging entries" follow the IA-32e layout of the SDM). 4 or 5
 /// levels; 1 GiB pages only with CAP.FL1GP (cap with
-/// [`super::TableConfig::max_page_size`]).
+/// [`super::TableConfig::max_page_size`]). Input addresses must be canonical,
+/// so the table covers the lower half only: 47 bits (4 levels) or 56 bits
+/// (5 levels).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VtdFirstLevel {
     mode: LongMode,
@@ -209,7 +211,9 @@ impl PageTableFormat for VtdFirstLevel {
         self.mode.levels
     }
     fn input_bits(&self) -> u32 {
-        self.mode.input_bits()
+        // Only the lower canonical half: IOVAs with bit 47 (56) set would
+        // need sign extension, which DMA addresses never have.
+        self.mode.input_bits() - 1
     }
     fn output_bits(&self) -> u32 {
         self.mode.output_bits
@@ -261,7 +265,7 @@ impl PageTableFormat for VtdFirstLevel {
         WalkParams {
             kind: WalkKind::VtdFirstLevel,
             levels: self.mode.levels,
-            input_bits: self.mode.input_bits(),
+            input_bits: self.mode.input_bits() - 1,
             output_bits: self.mode.output_bits,
         }
     }
