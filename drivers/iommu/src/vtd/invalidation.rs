@@ -89,6 +89,24 @@ impl InvalidationQueue {
         // An empty list still waits, which drains earlier work.
         let mut next = Some(chunks.next().unwrap_or(&[]));
         while let Some(chunk) = next {
+            // After a timeout the hardware may still be behind: never
+            // overwrite descriptors it has not fetched yet.
+            let needed = chunk.len() as u32 + 1;
+            hw.wait("free space in the invalidation queue", || {
+                let head = ((regs::IQH.read(hw.mmio) & queue::INDEX_MASK) >> queue::INDEX_SHIFT)
+                    as u32
+                    % QUEUE_ENTRIES;
+                let free = (head + QUEUE_ENTRIES - self.tail - 1) % QUEUE_ENTRIES;
+                free >= needed
+            })
+            .inspect_err(|_| {
+                if result.is_ok() {
+                    log::error!(
+                        "vtd{}: invalidation queue full; the unit stopped fetching",
+                        hw.unit
+                    );
+                }
+            })?;
             for &d in chunk {
                 self.write_slot(hw, self.tail, d);
                 self.tail = (self.tail + 1) % QUEUE_ENTRIES;

@@ -1054,7 +1054,10 @@ impl Mmio for VtdModel<'_> {
             0x00 => (self.caps.version_major << 4 | self.caps.version_minor) as u32,
             0x18 => 0,
             0x1c => st.gsts,
-            0x34 => self.read_fsts(&st),
+            0x34 => {
+                self.process_queue(&mut st);
+                self.read_fsts(&st)
+            }
             0x38 => st.fectl,
             0x9c => st.ics,
             0x3c | 0x40 | 0x44 | 0x64 | 0x68 | 0x6c | 0xa0 | 0xa4 | 0xa8 | 0xac => {
@@ -1098,7 +1101,12 @@ impl Mmio for VtdModel<'_> {
             0x10 => self.caps.ecap,
             0x20 => st.rtaddr,
             0x28 => st.ccmd,
-            0x80 => st.iqh,
+            0x80 => {
+                // Time passes while software polls: a queue that was held
+                // up (stuck, now released) makes progress.
+                self.process_queue(&mut st);
+                st.iqh
+            }
             0x88 => st.iqt,
             0x90 => st.iqa,
             0xb0 => st.iqercd,

@@ -279,6 +279,9 @@ impl PasidEntry {
     pub const PGSNP: u64 = 1 << 24;
     pub const SRE: u64 = 1 << 0;
     pub const FLPM_SHIFT: u32 = 2;
+    /// NXE: the XD bit of first-level entries is honoured (reserved when
+    /// clear, as with IA32_EFER.NXE).
+    pub const NXE: u64 = 1 << 5;
 
     /// Second-level-only translation through `slptptr` (`aw` as in the
     /// legacy context entry) in domain `did`.
@@ -293,13 +296,14 @@ impl PasidEntry {
     }
 
     /// First-level-only translation through `flptptr` with 4 or 5 levels
-    /// (FLPM 0 / 1) in domain `did`. Supervisor requests stay disabled.
+    /// (FLPM 0 / 1) in domain `did`. Supervisor requests stay disabled; NXE
+    /// is set so that non-executable leaves (XD) are valid.
     pub const fn first_level(flptptr: PhysAddr, levels: u8, did: u16) -> Self {
         let flpm = if levels == 5 { 1 } else { 0 };
         let mut words = [0u64; 8];
         words[0] = ((Pgtt::FirstLevel as u64) << Self::PGTT_SHIFT) | PRESENT;
         words[1] = did as u64;
-        words[2] = (flptptr.as_u64() & ADDRESS_MASK) | (flpm << Self::FLPM_SHIFT);
+        words[2] = (flptptr.as_u64() & ADDRESS_MASK) | (flpm << Self::FLPM_SHIFT) | Self::NXE;
         Self(words)
     }
 
@@ -387,6 +391,6 @@ mod tests {
         let fl = PasidEntry::first_level(PhysAddr::new(0xa000), 5, 9).with_page_walk_snoop();
         assert_eq!(fl.words()[0], (0b001 << 6) | 1);
         assert_eq!(fl.words()[1], 9 | (1 << 23));
-        assert_eq!(fl.words()[2], 0xa000 | (1 << 2));
+        assert_eq!(fl.words()[2], 0xa000 | (1 << 2) | (1 << 5));
     }
 }

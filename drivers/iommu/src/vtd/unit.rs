@@ -953,11 +953,23 @@ impl<'a> VtdUnit<'a> {
                 "device TLBs (ECAP.DT with queued invalidation)",
             ));
         }
-        let dev = self.devices.entry(rid.requester_id()).or_default();
-        if dev.is_attached() || dev.context_present {
+        let sid = rid.requester_id();
+        let dev = self.devices.entry(sid).or_default();
+        if dev.is_attached() {
             return Err(VtdError::DeviceBusy);
         }
         dev.ats = Some(ats);
+        if dev.context_present {
+            // Scalable mode keeps the context entry of a detached device:
+            // set DTE in its first word (one atomic write) and drop the
+            // cached copy.
+            if let Some(addr) = self.scalable_context_addr(sid) {
+                let word = self.mem.read_u64(addr) | ScalableContextEntry::DEVICE_TLB_ENABLE;
+                self.mem.write_u64(addr, word);
+                self.hw().flush(addr, 8);
+                return self.submit(&[Descriptor::context_device(0, sid, 0)]);
+            }
+        }
         Ok(())
     }
 

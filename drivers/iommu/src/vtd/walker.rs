@@ -195,6 +195,8 @@ pub struct ResolvedContext {
     pub page_snoop: bool,
     /// Scalable mode.
     pub scalable: bool,
+    /// First level: the PASID entry's NXE (XD is reserved without it).
+    pub no_execute_enable: bool,
 }
 
 /// A successful page walk.
@@ -288,6 +290,7 @@ pub fn resolve<M: DmaMemory + ?Sized>(
             input_bits,
             page_snoop: false,
             scalable: false,
+            no_execute_enable: false,
         });
     }
 
@@ -365,6 +368,7 @@ pub fn resolve<M: DmaMemory + ?Sized>(
         input_bits,
         page_snoop,
         scalable: true,
+        no_execute_enable: bit(p2, 5),
     })
 }
 
@@ -418,6 +422,9 @@ pub fn walk_tables<M: DmaMemory + ?Sized>(
             // P bit 0, R/W bit 1, U/S bit 2, PS bit 7, XD bit 63.
             if !bit(raw, 0) {
                 return Err(TranslationFault::NotPresent { level });
+            }
+            if bit(raw, 63) && !ctx.no_execute_enable {
+                return Err(TranslationFault::Reserved { level });
             }
             write &= bit(raw, 1);
             user &= bit(raw, 2);
@@ -640,6 +647,23 @@ mod tests {
         assert_eq!(
             walk_tables(&mem, &c, 0x1000, &CFG, None).map(|w| w.phys),
             Err(TranslationFault::NotPresent { level: 3 })
+        );
+        // XD in a first-level entry is reserved unless the PASID entry
+        // sets NXE.
+        let next = mem.alloc_page().expect("page");
+        put(&mem, fl_root, &[next.as_u64() | 0b111 | (1 << 63)]);
+        assert_eq!(
+            walk_tables(&mem, &c, 0x1000, &CFG, None).map(|w| w.phys),
+            Err(TranslationFault::NotPresent { level: 2 }),
+            "NXE set: XD is a permission"
+        );
+        let mut words = PasidEntry::first_level(fl_root, 4, 9).words();
+        words[2] &= !PasidEntry::NXE;
+        put(&mem, pe, &words);
+        let c = resolve(&mem, rtaddr, &tagged, &CFG).expect("resolved");
+        assert_eq!(
+            walk_tables(&mem, &c, 0x1000, &CFG, None).map(|w| w.phys),
+            Err(TranslationFault::Reserved { level: 3 })
         );
     }
 }

@@ -634,5 +634,80 @@ fn scalable_ats_devices_get_pasid_device_tlb_invalidations() {
             order: 0
         }
     );
+    // A device detached in scalable mode keeps its context entry: enabling
+    // ATS later sets DTE there and invalidates the cached copy.
+    unit.attach_device(DEV_B, sl).expect("attach");
+    unit.detach_device(DEV_B).expect("detach");
+    model.clear_events();
+    unit.enable_device_tlb(
+        DEV_B,
+        AtsConfig {
+            pfsid: DEV_B,
+            queue_depth: 0,
+        },
+    )
+    .expect("ats after detach");
+    assert_eq!(
+        model.invalidations(),
+        [Inv::ContextDevice {
+            did: 0,
+            sid: DEV_B.requester_id(),
+            fm: 0
+        }]
+    );
+    unit.attach_device(DEV_B, sl).expect("attach");
+    model.clear_events();
+    unit.unmap(sl, 0x4000, PAGE_SIZE).expect("unmap");
+    unit.map(sl, 0x4000, phys(0x9000), PAGE_SIZE, MapPerms::READ)
+        .expect("map");
+    unit.unmap(sl, 0x4000, PAGE_SIZE).expect("unmap");
+    assert!(model.invalidations().contains(&Inv::DeviceTlb {
+        sid: DEV_B.requester_id(),
+        addr: 0x4000,
+        order: 0
+    }));
     assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
+#[test]
+fn a_stalled_queue_is_never_overwritten() {
+    let mem = ModelMemory::new();
+    let model = model(&mem, CapBuilder::qemu_default());
+    let clock = clock();
+    let (mut unit, dom) = legacy_rig(&model, &mem, &clock);
+    unit.map(dom, 0, phys(0x10_0000), 256 * PAGE_SIZE, MapPerms::READ)
+        .expect("map");
+    model.set_stuck(Stuck {
+        queue: true,
+        ..Stuck::default()
+    });
+    let mut queued = 0;
+    let mut refused = 0;
+    for i in 0..200u64 {
+        match unit.unmap(dom, i * PAGE_SIZE, PAGE_SIZE) {
+            Err(VtdError::Timeout {
+                what: "an invalidation wait descriptor",
+                ..
+            }) => queued += 1,
+            Err(VtdError::Timeout {
+                what: "free space in the invalidation queue",
+                ..
+            }) => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Two slots per unmap, one always empty: 127 fit in 256 entries.
+    assert_eq!((queued, refused), (127, 73));
+    model.set_stuck(Stuck::default());
+    unit.flush_all().expect("the unit answers again");
+    let performed = model
+        .invalidations()
+        .iter()
+        .filter(|i| matches!(i, Inv::IotlbPage { .. }))
+        .count();
+    assert_eq!(
+        performed, queued,
+        "every queued descriptor ran, none was overwritten"
+    );
+    assert_eq!(unit.quarantined_pages(), 0);
 }
