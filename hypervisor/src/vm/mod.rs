@@ -3,7 +3,10 @@
 //! * [`config`]: the `vm=` command-line descriptions and their validation
 //!   against the platform's PCI functions and IOMMU groups;
 //! * [`memory`]: guest RAM backed by host frames, scrubbed, and the
-//!   iommufd [`GuestMemory`](crate::iommufd::GuestMemory) over it.
+//!   iommufd [`GuestMemory`](crate::iommufd::GuestMemory) over it;
+//! * [`boot`]: the direct-boot protocol (ELF64 loading, start info,
+//!   identity page tables, entry state).
 
+pub mod boot;
 pub mod config;
 pub mod memory;
