@@ -62,7 +62,11 @@ pub fn run_with_limit(
         .take()
         .map(|mut pipe| thread::spawn(move || read_all(&mut pipe)));
 
-    let raw = wait_with_limit(&mut child, &group, limit)?;
+    let waited = wait_with_limit(&mut child, &group, limit);
+    if waited.is_err() {
+        group.kill();
+    }
+    let raw = waited?;
     let elapsed = start.elapsed();
     // Anything the process left behind (a fake QEMU's children, say) would
     // keep the pipes open; it goes with the group.
