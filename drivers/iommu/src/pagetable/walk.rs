@@ -133,7 +133,8 @@ pub fn walk<M: DmaMemory + ?Sized>(
         let index = (iova >> shift) & 0x1ff;
         let raw = mem.read_u64(PhysAddr::new(table + index * 8));
         let size = 1u64 << shift;
-        // Each arm sets `next` for a table, or returns the leaf.
+        // Each arm either descends to the next table (`continue`) or sets
+        // the leaf address.
         let leaf_addr: u64;
         match params.kind {
             WalkKind::VtdSecondLevel => {
