@@ -5,9 +5,31 @@
 //! fact comes from.
 //!
 //! * [`regs`]: the register block, as typed registers and bit fields;
-//! * [`caps`]: VER/CAP/ECAP decoded once into [`VtdCapabilities`];
+//! * [`caps`]: VER/CAP/ECAP decoded once into [`VtdCapabilities`] (with
+//!   the boot-log summary);
 //! * [`structs`]: root, context, PASID-directory and PASID-table entries;
-//! * [`descriptors`]: queued-invalidation descriptors.
+//! * [`descriptors`]: queued-invalidation descriptors;
+//! * [`unit`]: [`VtdUnit`], one DRHD: bring-up (blocking every device),
+//!   domains over the IO page-table engine, device / alias / PASID attach,
+//!   map and unmap with exactly the invalidation each change needs, RMRR
+//!   identity maps, fault draining with per-domain queues;
+//! * [`fault`]: fault-record decoding and the bounded, rate-limited drain;
+//! * [`walker`]: an independent translation walker (root → context →
+//!   PASID → page table) written separately from the code that builds the
+//!   tables;
+//! * [`model`]: a register model of a unit, with context/PASID/IOTLB/
+//!   paging-structure caches, for host tests here and in other crates.
+//!
+//! Typical use, one unit per DRHD:
+//!
+//! ```text
+//! let mut unit = VtdUnit::init(mmio, mem, clock, VtdConfig::new(0, base, haw))?;
+//! let dom = unit.alloc_domain(DomainConfig::second_level().snooped())?;
+//! unit.map(dom, iova, phys, len, MapPerms::READ_WRITE)?;
+//! unit.attach_device_with_aliases(bdf, &aliases, dom)?;
+//! ...
+//! let faults = unit.drain_faults();
+//! ```
 
 pub mod caps;
 pub mod descriptors;

@@ -753,6 +753,7 @@ impl<'m> VtdModel<'m> {
                     .retain(|&(d, tag, _, _), _| !(d == did && tag.is_none()));
             }
             Inv::IotlbPage { did, addr, am, ih } => {
+                self.check_page_selective(st, addr, am);
                 Self::invalidate_range(st, did, None, addr, am, ih);
             }
             Inv::PasidIotlb {
@@ -775,7 +776,10 @@ impl<'m> VtdModel<'m> {
                     st.psc
                         .retain(|&(d, tag, _, _), _| !(d == did && tag == Some(pasid)));
                 }
-                _ => Self::invalidate_range(st, did, Some(pasid), addr, am, ih),
+                _ => {
+                    self.check_page_selective(st, addr, am);
+                    Self::invalidate_range(st, did, Some(pasid), addr, am, ih);
+                }
             },
             Inv::PasidCache {
                 granularity,
@@ -789,6 +793,23 @@ impl<'m> VtdModel<'m> {
                 _ => st.pasid_cache.clear(),
             },
             Inv::DeviceTlb { .. } | Inv::PasidDeviceTlb { .. } | Inv::InterruptEntries { .. } => {}
+        }
+    }
+
+    /// Page-selective requests must be supported (CAP.PSI), within CAP.MAMV
+    /// and naturally aligned (6.5.2.3); hardware would silently invalidate
+    /// a different block otherwise.
+    fn check_page_selective(&self, st: &mut State, addr: u64, am: u8) {
+        if !self.caps.page_selective_invalidation {
+            st.violations
+                .push("page-selective invalidation on a unit without CAP.PSI");
+        }
+        if am > self.caps.max_address_mask {
+            st.violations.push("address mask above CAP.MAMV");
+        }
+        if am < 52 && addr & ((1u64 << (12 + u32::from(am))) - 1) != 0 {
+            st.violations
+                .push("page-selective address not aligned to its mask");
         }
     }
 
