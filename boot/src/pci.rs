@@ -38,6 +38,67 @@ impl Pci {
     }
 }
 
+/// Which IOMMU translates each function, for every segment, from the DMAR
+/// (x86_64) or IORT (aarch64); the boot log gets one line per unit, device
+/// and reserved region.
+pub struct IommuMap {
+    pub per_segment: Vec<sluice_iommu::association::Association>,
+}
+
+impl IommuMap {
+    pub fn device(
+        &self,
+        addr: PciAddress,
+    ) -> Option<&sluice_iommu::association::DeviceAssociation> {
+        self.per_segment.iter().find_map(|a| a.get(addr))
+    }
+}
+
+pub fn associate(acpi: &Acpi, pci: &Pci) -> Result<IommuMap, String> {
+    use sluice_iommu::acpi::{dmar, iort};
+    use sluice_iommu::association::{
+        associate_dmar, associate_iort, dmar_log_lines, iort_log_lines, log_lines,
+    };
+    use sluice_kernel::acpi_tables::{RawDmar, RawIort};
+
+    if let Some(bytes) = acpi.raw::<RawDmar>() {
+        let table = dmar::parse(bytes).map_err(|e| format!("DMAR is malformed: {e:?}"))?;
+        for problem in &table.errors {
+            warn!("dmar: structure ignored: {problem:?}");
+        }
+        let per_segment: Vec<_> = pci
+            .segments
+            .iter()
+            .map(|topology| associate_dmar(&table, topology, &pci.ecam))
+            .collect();
+        for (topology, association) in pci.segments.iter().zip(&per_segment) {
+            log_lines(&dmar_log_lines(&table, topology, association));
+            for problem in &association.errors {
+                warn!("dmar: {problem}");
+            }
+        }
+        return Ok(IommuMap { per_segment });
+    }
+    if let Some(bytes) = acpi.raw::<RawIort>() {
+        let table = iort::parse(bytes).map_err(|e| format!("IORT is malformed: {e:?}"))?;
+        let per_segment: Vec<_> = pci
+            .segments
+            .iter()
+            .map(|topology| associate_iort(&table, topology))
+            .collect();
+        for (topology, association) in pci.segments.iter().zip(&per_segment) {
+            log_lines(&iort_log_lines(&table, topology, association));
+            for problem in &association.errors {
+                warn!("iort: {problem}");
+            }
+        }
+        return Ok(IommuMap { per_segment });
+    }
+    Err(String::from(
+        "firmware describes no IOMMU (no DMAR or IORT table): no device can be isolated, none will be assigned",
+    ))
+}
+
 pub fn discover(acpi: &Acpi) -> Result<Pci, String> {
     let bytes = acpi
         .raw::<RawMcfg>()

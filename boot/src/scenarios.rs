@@ -38,6 +38,11 @@ const SCENARIOS: &[Scenario] = &[
         run: pci,
     },
     Scenario {
+        name: "topology",
+        what: "every edu is covered by an IOMMU; edus behind a PCIe-to-PCI bridge share its alias and one group",
+        run: topology,
+    },
+    Scenario {
         name: "edu-dma",
         what: "edu DMA without translation moves bytes both ways (baseline for the IOMMU scenarios)",
         run: edu_dma,
@@ -185,6 +190,95 @@ fn pci(platform: &Platform) -> Outcome {
         format!("no edu device among the {count} functions found")
     })?;
     info!("pci: {count} functions, {edus} edu devices");
+    Ok(())
+}
+
+fn topology(platform: &Platform) -> Outcome {
+    use sluice_pci::caps::PortType;
+    let acpi = platform.acpi.as_ref().ok_or("no ACPI tables")?;
+    let pci = crate::pci::discover(acpi)?;
+    let map = crate::pci::associate(acpi, &pci)?;
+    let is_edu = |f: &&sluice_pci::Function| {
+        (f.vendor_id, f.device_id) == (crate::edu::VENDOR, crate::edu::DEVICE)
+    };
+    let edus: Vec<&sluice_pci::Function> = pci.functions().filter(is_edu).collect();
+    check(edus.len() >= 2, || {
+        format!(
+            "the topology scenario needs several edu devices, found {}",
+            edus.len()
+        )
+    })?;
+    let mut behind_pci_bridge = Vec::new();
+    for f in &edus {
+        let d = map
+            .device(f.addr)
+            .ok_or_else(|| format!("{} has no association entry", f.addr))?;
+        let unit = d
+            .unit
+            .ok_or_else(|| format!("{} is not covered by any IOMMU unit", f.addr))?;
+        check(d.assignable, || {
+            format!("{} is covered by {unit} but not assignable", f.addr)
+        })?;
+        // Find the nearest upstream bridge: PCIe-to-PCI bridges rewrite IDs.
+        let topology = pci
+            .segments
+            .iter()
+            .find(|t| t.segment == f.addr.segment)
+            .ok_or("segment vanished")?;
+        let upstream = f.upstream.and_then(|i| topology.functions.get(i));
+        match upstream.and_then(|b| b.port_type()) {
+            Some(PortType::PcieToPciBridge) => {
+                let bridge = upstream.ok_or("bridge vanished")?;
+                let alias = d.alias.ok_or_else(|| {
+                    format!(
+                        "{} sits behind a PCIe-to-PCI bridge but has no DMA alias",
+                        f.addr
+                    )
+                })?;
+                let secondary = bridge
+                    .bridge
+                    .map(|b| b.secondary)
+                    .ok_or("bridge without bus numbers")?;
+                check(
+                    alias.requester_id.bus() == secondary && alias.requester_id.devfn() == 0,
+                    || {
+                        format!(
+                            "{} alias {} is not the bridge's secondary bus {secondary:02x} with devfn 0",
+                            f.addr, alias.requester_id
+                        )
+                    },
+                )?;
+                behind_pci_bridge.push((f.addr, d.group, alias.requester_id));
+            }
+            _ => check(d.alias.is_none(), || {
+                format!("{} has an unexpected alias", f.addr)
+            })?,
+        }
+        info!(
+            "topology: edu {} -> {unit}, group {}, requester id {}",
+            f.addr, d.group, d.requester_id
+        );
+    }
+    if let Some((_, group, alias)) = behind_pci_bridge.first().copied() {
+        check(behind_pci_bridge.len() >= 2, || {
+            String::from("only one edu behind the PCIe-to-PCI bridge")
+        })?;
+        for (addr, g, a) in &behind_pci_bridge {
+            check(*g == group && *a == alias, || {
+                format!(
+                    "{addr} is in group {g} alias {a}, its neighbour in group {group} alias {alias}"
+                )
+            })?;
+        }
+        let others_in_group = edus
+            .iter()
+            .filter(|f| !behind_pci_bridge.iter().any(|(a, _, _)| *a == f.addr))
+            .filter(|f| map.device(f.addr).is_some_and(|d| d.group == group))
+            .count();
+        check(others_in_group == 0, || {
+            String::from("a device not behind the bridge shares the bridge's group")
+        })?;
+    }
     Ok(())
 }
 
