@@ -418,6 +418,20 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
         let mut iova = start;
         while iova < end {
             let index = level_index(iova, level);
+            if fresh && self.leaf_fits(level, iova, job) {
+                // A new table is all free, and consecutive leaves differ only
+                // in their address field (`leaf_entry` is linear in `phys`):
+                // write the whole run without re-encoding.
+                let run = ((end - iova) / size).min(ENTRIES_PER_TABLE - index);
+                let phys = PhysAddr::new(iova.wrapping_add(job.delta));
+                let first = self.format.leaf_entry(level, phys, job.perms, &job.attrs);
+                for k in 0..run {
+                    self.write(table, index + k, first + k * size);
+                }
+                inv.record(iova, run * size, size);
+                iova += run * size;
+                continue;
+            }
             let entry_end = ((iova & !(size - 1)) + size).min(end);
             let raw = if fresh { 0 } else { self.read(table, index) };
             match self.format.decode(level, raw) {

@@ -56,6 +56,11 @@ pub trait PageTableFormat {
     /// An entry at `level` (>= 1) pointing to the next-level table `table`.
     fn table_entry(&self, level: u8, table: PhysAddr) -> u64;
     /// A leaf entry at `level` mapping `phys` (aligned to the level's size).
+    ///
+    /// Must be linear in `phys`: `leaf_entry(level, phys + k * size, ..)`
+    /// equals `leaf_entry(level, phys, ..) + k * size` for addresses within
+    /// the output width (the address is one contiguous field), which lets
+    /// the engine fill new tables without re-encoding every entry.
     fn leaf_entry(&self, level: u8, phys: PhysAddr, perms: MapPerms, attrs: &Self::Attrs) -> u64;
     /// Decodes an entry read from a table at `level`.
     fn decode(&self, level: u8, raw: u64) -> Decoded<Self::Attrs>;

@@ -9,7 +9,10 @@ use super::super::arm::{ArmS1Attrs, ArmS2Attrs, ArmStage1, ArmStage2};
 use super::super::vtd::{FirstLevelAttrs, VtdFirstLevel, VtdSecondLevel, VtdSlAttrs};
 use super::super::walk::{self, Access, WalkFault, WalkKind, WalkParams};
 use super::super::x86::{AmdNpt, EptAttrs, IntelEpt, X86Caching};
-use super::super::{Decoded, MapPerms, PageTableError, PageTableFormat, Shareability, X86MemType};
+use super::super::{
+    Decoded, MapPerms, PageTableError, PageTableFormat, Shareability, X86MemType, level_size,
+};
+use super::support::{Rng, TestFormat};
 
 fn pa(raw: u64) -> PhysAddr {
     PhysAddr::new(raw)
@@ -400,4 +403,34 @@ fn register_fields_for_the_root() {
     let s2 = ArmStage2::new(39, 44).unwrap();
     assert_eq!((s2.t0sz(), s2.sl0()), (25, 0b01));
     assert_eq!(ArmStage1::new(48, 48).unwrap().t0sz(), 16);
+}
+
+/// The engine relies on leaf entries being linear in the address.
+fn check_linear<F: TestFormat>(format: F, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for _ in 0..200 {
+        let (perms, attrs) = format.random_leaf(&mut rng);
+        let level = rng.below(3) as u8;
+        let size = level_size(level);
+        let k = rng.below(512);
+        let limit = 1u64 << format.output_bits();
+        let base = (rng.below(limit / size / 2)) * size;
+        let first = format.leaf_entry(level, pa(base), perms, &attrs);
+        let later = format.leaf_entry(level, pa(base + k * size), perms, &attrs);
+        assert_eq!(
+            later,
+            first + k * size,
+            "level {level} base {base:#x} k {k}"
+        );
+    }
+}
+
+#[test]
+fn leaf_entries_are_linear_in_the_address() {
+    check_linear(VtdSecondLevel::new(4, 48, 46).unwrap(), 1);
+    check_linear(VtdFirstLevel::new(4, 52).unwrap(), 2);
+    check_linear(AmdNpt::new(4, 52).unwrap(), 3);
+    check_linear(IntelEpt::new(4, 46, true).unwrap(), 4);
+    check_linear(ArmStage1::new(48, 48).unwrap(), 5);
+    check_linear(ArmStage2::new(48, 40).unwrap(), 6);
 }
