@@ -8,9 +8,10 @@ use std::vec::Vec;
 use sluice_hal::model::ModelMemory;
 use sluice_hal::{DmaAllocError, DmaMemory, PhysAddr};
 
-use super::super::arm::{ArmS1Attrs, ArmStage1};
-use super::super::vtd::{VtdSecondLevel, VtdSlAttrs, VtdSlEntry};
+use super::super::arm::{ArmS1Attrs, ArmStage1, ArmStage2};
+use super::super::vtd::{VtdFirstLevel, VtdSecondLevel, VtdSlAttrs, VtdSlEntry};
 use super::super::walk::{self, WalkFault};
+use super::super::x86::{AmdNpt, IntelEpt};
 use super::super::{
     IoPageTable, IovaRange, MapPerms, PageSize, PageTableError, PageTableFormat, TableConfig,
     X86MemType,
@@ -561,6 +562,14 @@ fn allocation_failure_sweep_vtd_second_level() {
 #[test]
 fn allocation_failure_sweep_arm_stage1() {
     allocation_failure_sweep(ArmStage1::new(48, 48).unwrap(), &SCRIPT);
+}
+
+#[test]
+fn allocation_failure_sweep_other_formats() {
+    allocation_failure_sweep(ArmStage2::new(48, 44).unwrap(), &SCRIPT);
+    allocation_failure_sweep(VtdFirstLevel::new(4, 46).unwrap(), &SCRIPT);
+    allocation_failure_sweep(AmdNpt::new(4, 46).unwrap(), &SCRIPT);
+    allocation_failure_sweep(IntelEpt::new(4, 46, false).unwrap(), &SCRIPT);
 }
 
 /// Wraps [`ModelMemory`] to check the publication order a non-coherent
