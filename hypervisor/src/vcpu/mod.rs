@@ -18,6 +18,7 @@
 pub mod decode;
 pub mod hypercall;
 pub mod svm;
+pub mod vmx;
 
 use core::fmt;
 
@@ -546,7 +547,7 @@ impl fmt::Display for VcpuError {
 }
 
 /// The operations the VM layer needs from a hardware-virtualization
-/// backend. SVM ([`svm::SvmBackend`]) and VMX implement it.
+/// backend. SVM ([`svm::SvmBackend`]) and VMX ([`vmx::VmxBackend`]) implement it.
 pub trait VcpuBackend {
     /// One virtual CPU: its control block (VMCB / VMCS) and the guest
     /// registers the hardware does not save.
