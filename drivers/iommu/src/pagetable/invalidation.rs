@@ -55,6 +55,14 @@ impl PendingFree {
         }
     }
 
+    /// Moves `other`'s pages into `self`, to release several changes'
+    /// tables after one invalidation.
+    pub fn append(&mut self, mut other: PendingFree) {
+        for page in other.pages.drain(..) {
+            self.push(page);
+        }
+    }
+
     /// The pages waiting to be freed.
     pub fn pages(&self) -> &[PhysAddr] {
         &self.pages

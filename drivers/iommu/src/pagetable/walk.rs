@@ -66,6 +66,8 @@ pub struct Walk {
 /// Why a walk stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WalkFault {
+    /// The parameters describe no table of that kind (e.g. five Arm levels).
+    InvalidParams,
     /// The input address is at or above `1 << input_bits`.
     AddressTooWide,
     /// The entry at `level` is not present (invalid).
@@ -112,14 +114,22 @@ pub fn walk<M: DmaMemory + ?Sized>(
     root: PhysAddr,
     iova: u64,
 ) -> Result<Walk, WalkFault> {
+    let (max_levels, max_out) = match params.kind {
+        WalkKind::ArmStage1 | WalkKind::ArmStage2 => (4, 48),
+        _ => (5, 52),
+    };
+    if params.levels == 0
+        || params.levels > max_levels
+        || params.output_bits < 12
+        || params.output_bits > max_out
+    {
+        return Err(WalkFault::InvalidParams);
+    }
     if params.input_bits < 64 && iova >> params.input_bits != 0 {
         return Err(WalkFault::AddressTooWide);
     }
     let mut table = root.as_u64();
-    let mut level = params
-        .levels
-        .checked_sub(1)
-        .ok_or(WalkFault::Reserved { level: 0 })?;
+    let mut level = params.levels - 1;
     let mut read = true;
     let mut write = true;
     let mut exec = true;

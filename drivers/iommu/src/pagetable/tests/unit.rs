@@ -943,3 +943,95 @@ fn huge_requests_fail_cleanly() {
     assert_eq!(mem.live_pages(), 1);
     pt.destroy().release(&mem);
 }
+
+#[test]
+fn pending_frees_can_be_batched() {
+    let mem = ModelMemory::new();
+    let mut pt = new_vtd(&mem, PageSize::Size1G);
+    for i in 0..3 {
+        pt.map(
+            i * G1,
+            PhysAddr::new(K4),
+            K4,
+            MapPerms::READ,
+            VtdSlAttrs::default(),
+        )
+        .unwrap()
+        .complete(&mem);
+    }
+    assert_eq!(mem.live_pages(), 1 + 1 + 3 * 2);
+    let mut batch = super::super::PendingFree::default();
+    for i in 0..3 {
+        batch.append(pt.unmap(i * G1, K4).unwrap().into_pending_free());
+    }
+    // Two leaf-level tables per map, and the shared level-2 table last.
+    assert_eq!(batch.pages().len(), 7);
+    assert_eq!(mem.live_pages(), 8, "nothing freed before release");
+    batch.release(&mem);
+    assert_eq!(mem.live_pages(), 1);
+    pt.destroy().release(&mem);
+}
+
+#[test]
+fn walker_and_translate_survive_garbage_tables() {
+    use super::support::Rng;
+    let mut rng = Rng::new(77);
+    let mem = ModelMemory::new();
+    let mut pt = new_vtd(&mem, PageSize::Size1G);
+    pt.map(
+        0,
+        PhysAddr::new(0),
+        4 * M2,
+        MapPerms::READ,
+        VtdSlAttrs::default(),
+    )
+    .unwrap()
+    .complete(&mem);
+    let root = pt.root();
+    // Fill a few pages around the tables with random words: the walker and
+    // translate must return something (or a fault) without panicking or
+    // looping, whatever the bits.
+    let pages: Vec<u64> = (0..6).map(|i| root.as_u64() + i * K4).collect();
+    let kinds = [
+        walk::WalkKind::VtdSecondLevel,
+        walk::WalkKind::VtdFirstLevel,
+        walk::WalkKind::ArmStage1,
+        walk::WalkKind::ArmStage2,
+        walk::WalkKind::AmdNpt,
+        walk::WalkKind::IntelEpt,
+    ];
+    for round in 0..50 {
+        for &page in &pages {
+            for i in 0..512 {
+                let mut word = rng.next();
+                if rng.chance(50) {
+                    // Point at one of the pages, so walks go deep.
+                    word = (word & 0xfff) | pages[rng.below(6) as usize];
+                }
+                mem.write_u64(PhysAddr::new(page + i * 8), word);
+            }
+        }
+        for _ in 0..200 {
+            let iova = rng.next() & ((1 << 48) - 1);
+            let _ = pt.translate(iova);
+            let params = walk::WalkParams {
+                kind: kinds[rng.below(6) as usize],
+                levels: 3 + rng.below(3) as u8,
+                input_bits: 39 + rng.below(19) as u32,
+                output_bits: 32 + rng.below(21) as u32,
+            };
+            if let Ok(w) = walk::walk(&mem, &params, root, iova) {
+                assert!(
+                    w.page_size.is_power_of_two() && w.page_size >= K4,
+                    "round {round}"
+                );
+                assert!(
+                    w.phys.as_u64() >> params.output_bits == 0,
+                    "round {round}: {w:?}"
+                );
+            }
+        }
+    }
+    // The table is garbage now: leak it rather than free random pointers.
+    core::mem::forget(pt);
+}
