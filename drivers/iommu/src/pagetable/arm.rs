@@ -8,12 +8,12 @@
 //!   (levels 1 and 2 only with 4 KiB granule), bit 0 clear: invalid.
 //! * bits 47:12: next-level table / output address (a block's address is
 //!   aligned to its size).
-//! * Stage 1 leaves: AttrIndx[2:0] bits 4:2, AP[2:1] bits 7:6 (AP[2] = read
-//!   only, AP[1] = EL0 access), SH bits 9:8, AF bit 10, nG bit 11, PXN bit
+//! * Stage 1 leaves: `AttrIndx[2:0]` bits 4:2, `AP[2:1]` bits 7:6 (`AP[2]` = read
+//!   only, `AP[1]` = EL0 access), SH bits 9:8, AF bit 10, nG bit 11, PXN bit
 //!   53, UXN bit 54. Table descriptors: PXNTable bit 59, UXNTable bit 60,
 //!   APTable bits 62:61 (left zero: no restriction).
-//! * Stage 2 leaves: MemAttr[3:0] bits 5:2, S2AP bits 7:6 (bit 6 read, bit 7
-//!   write), SH bits 9:8, AF bit 10, XN[1:0] bits 54:53.
+//! * Stage 2 leaves: `MemAttr[3:0]` bits 5:2, S2AP bits 7:6 (bit 6 read, bit 7
+//!   write), SH bits 9:8, AF bit 10, `XN[1:0]` bits 54:53.
 //!
 //! Arm levels 0-3 are this module's levels 3-0. Leaves are written with AF
 //! set, so no access-flag fault or hardware AF update is needed.
@@ -60,9 +60,9 @@ const _: () = assert!(core::mem::size_of::<LpaeS1Entry>() == 8);
 impl LpaeS1Entry {
     pub const ATTR_INDEX_SHIFT: u32 = 2;
     pub const ATTR_INDEX: u64 = 0b111 << Self::ATTR_INDEX_SHIFT;
-    /// AP[1]: accessible from EL0 (unprivileged).
+    /// `AP[1]`: accessible from EL0 (unprivileged).
     pub const AP_EL0: u64 = 1 << 6;
-    /// AP[2]: read-only.
+    /// `AP[2]`: read-only.
     pub const AP_READ_ONLY: u64 = 1 << 7;
     pub const ACCESS_FLAG: u64 = AF;
     pub const NOT_GLOBAL: u64 = 1 << 11;
@@ -115,7 +115,7 @@ pub struct ArmS1Attrs {
     /// Index into MAIR (0-7).
     pub attr_index: u8,
     pub shareability: Shareability,
-    /// AP[1]: unprivileged (EL0 / SMMU unprivileged transactions) access.
+    /// `AP[1]`: unprivileged (EL0 / SMMU unprivileged transactions) access.
     pub user: bool,
     /// nG: the translation is ASID-specific.
     pub not_global: bool,
@@ -254,12 +254,12 @@ const _: () = assert!(core::mem::size_of::<LpaeS2Entry>() == 8);
 impl LpaeS2Entry {
     pub const MEM_ATTR_SHIFT: u32 = 2;
     pub const MEM_ATTR: u64 = 0b1111 << Self::MEM_ATTR_SHIFT;
-    /// S2AP[0]: read.
+    /// `S2AP[0]`: read.
     pub const S2AP_READ: u64 = 1 << 6;
-    /// S2AP[1]: write.
+    /// `S2AP[1]`: write.
     pub const S2AP_WRITE: u64 = 1 << 7;
     pub const ACCESS_FLAG: u64 = AF;
-    /// XN[1] (bit 54; without FEAT_XNX bit 53 is RES0 and bit 54 is XN).
+    /// `XN[1]` (bit 54; without FEAT_XNX bit 53 is RES0 and bit 54 is XN).
     pub const XN: u64 = 1 << 54;
 
     pub const fn from_raw(raw: u64) -> Self {
@@ -296,7 +296,7 @@ impl LpaeS2Entry {
 /// Attributes of a stage-2 leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct ArmS2Attrs {
-    /// MemAttr[3:0] (e.g. 0b1111 Normal write-back, 0b0001 Device-nGnRE).
+    /// `MemAttr[3:0]` (e.g. 0b1111 Normal write-back, 0b0001 Device-nGnRE).
     pub mem_attr: u8,
     pub shareability: Shareability,
 }

@@ -113,7 +113,7 @@ impl X86MemType {
     }
 }
 
-/// Arm shareability, the SH[1:0] field of VMSAv8-64 descriptors (Arm ARM
+/// Arm shareability, the `SH[1:0]` field of VMSAv8-64 descriptors (Arm ARM
 /// DDI 0487, "Shareability and cacheability attributes"): 0b01 is
 /// reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
