@@ -5,8 +5,11 @@
 //! * [`memory`]: guest RAM backed by host frames, scrubbed, and the
 //!   iommufd [`GuestMemory`](crate::iommufd::GuestMemory) over it;
 //! * [`boot`]: the direct-boot protocol (ELF64 loading, start info,
-//!   identity page tables, entry state).
+//!   identity page tables, entry state);
+//! * [`nested`]: the VM's nested page table (NPT / EPT) over its RAM and
+//!   passed-through BARs.
 
 pub mod boot;
 pub mod config;
 pub mod memory;
+pub mod nested;
