@@ -154,10 +154,18 @@ impl InvalidationQueue {
         });
         outcome?;
         done?;
-        match error {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(e) = error {
+            return Err(e);
         }
+        // A bad device-TLB completion (ICE) does not stop the queue, so the
+        // wait can complete with it pending: check once more.
+        let status = regs::FSTS.read(hw.mmio);
+        if status & (fsts::ITE | fsts::ICE) != 0 {
+            return match self.recover(hw, status) {
+                Ok(e) | Err(e) => Err(e),
+            };
+        }
+        Ok(())
     }
 
     /// Handles an error the queue stopped on (6.5.2.10). For IQE the bad

@@ -209,6 +209,7 @@ struct State {
     violations: Vec<&'static str>,
     stuck: Stuck,
     unresponsive_devices: BTreeSet<u16>,
+    misbehaving_devices: BTreeSet<u16>,
     context_cache: BTreeMap<u16, CachedWords>,
     pasid_cache: BTreeMap<(u16, u32), CachedWords>,
     iotlb: BTreeMap<IotlbKey, IotlbEntry>,
@@ -260,6 +261,7 @@ impl<'m> VtdModel<'m> {
                 violations: Vec::new(),
                 stuck: Stuck::default(),
                 unresponsive_devices: BTreeSet::new(),
+                misbehaving_devices: BTreeSet::new(),
                 context_cache: BTreeMap::new(),
                 pasid_cache: BTreeMap::new(),
                 iotlb: BTreeMap::new(),
@@ -293,6 +295,17 @@ impl<'m> VtdModel<'m> {
             st.unresponsive_devices.insert(sid);
         } else {
             st.unresponsive_devices.remove(&sid);
+        }
+    }
+
+    /// Device-TLB invalidations for `sid` complete wrongly (FSTS.ICE); the
+    /// queue keeps running.
+    pub fn set_device_misbehaving(&self, sid: u16, misbehaving: bool) {
+        let mut st = self.state.borrow_mut();
+        if misbehaving {
+            st.misbehaving_devices.insert(sid);
+        } else {
+            st.misbehaving_devices.remove(&sid);
         }
     }
 
@@ -891,6 +904,12 @@ impl<'m> VtdModel<'m> {
                         // included (spec 6.5.2.10).
                         st.iqh = st.iqt;
                         return;
+                    }
+                    if let Some(sid) = sid
+                        && st.misbehaving_devices.contains(&sid)
+                    {
+                        st.fsts |= fsts::ICE;
+                        st.iqercd = u64::from(sid) << regs::queue::IQERCD_ICESID_SHIFT;
                     }
                 }
             }

@@ -559,6 +559,25 @@ fn ats_devices_get_device_tlb_invalidations_and_timeouts_are_reported() {
     unit.map(dom, 0, phys(0x1000), PAGE_SIZE, MapPerms::READ)
         .expect("map");
     unit.unmap(dom, 0, PAGE_SIZE).expect("queue works again");
+    // A wrong completion (ICE) does not stop the queue, but is reported.
+    unit.map(dom, 0, phys(0x1000), PAGE_SIZE, MapPerms::READ)
+        .expect("map");
+    model.set_device_misbehaving(DEV_A.requester_id(), true);
+    assert_eq!(
+        unit.unmap(dom, 0, PAGE_SIZE),
+        Err(VtdError::InvalidationCompletionError {
+            sid: DEV_A.requester_id()
+        })
+    );
+    assert_eq!(
+        model.fault_status() & crate::vtd::regs::fsts::ICE,
+        0,
+        "cleared"
+    );
+    model.set_device_misbehaving(DEV_A.requester_id(), false);
+    unit.map(dom, 0, phys(0x1000), PAGE_SIZE, MapPerms::READ)
+        .expect("map");
+    unit.unmap(dom, 0, PAGE_SIZE).expect("and works again");
     assert!(model.violations().is_empty(), "{:?}", model.violations());
 }
 
