@@ -16,6 +16,8 @@ mod scenarios;
 mod svm_smoke;
 #[cfg(target_os = "uefi")]
 mod uefi_entry;
+#[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
+mod vtd_dma;
 
 #[cfg(not(target_os = "uefi"))]
 fn main() {

@@ -53,6 +53,12 @@ const SCENARIOS: &[Scenario] = &[
         what: "VMRUN runs 64-bit guest code and its VMMCALL, CPUID and HLT exits are handled",
         run: crate::svm_smoke::run,
     },
+    #[cfg(target_arch = "x86_64")]
+    Scenario {
+        name: "vtd-dma",
+        what: "edu DMA through VT-d: blocked by default, translated when attached, faults when unmapped, unmapped-after-use or detached",
+        run: crate::vtd_dma::run,
+    },
     Scenario {
         name: "acpi-dump",
         what: "print the IOMMU-related ACPI tables as hex, for host-test fixtures",
@@ -283,7 +289,9 @@ fn topology(platform: &Platform) -> Outcome {
 }
 
 /// Finds the first edu device, enables it and checks its registers.
-fn first_edu(pci: &crate::pci::Pci) -> Result<(crate::edu::Edu, sluice_pci::PciAddress), String> {
+pub fn first_edu(
+    pci: &crate::pci::Pci,
+) -> Result<(crate::edu::Edu, sluice_pci::PciAddress), String> {
     let function = pci
         .functions()
         .find(|f| (f.vendor_id, f.device_id) == (crate::edu::VENDOR, crate::edu::DEVICE))
