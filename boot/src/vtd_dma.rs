@@ -277,5 +277,21 @@ pub fn run(platform: &Platform) -> Result<(), String> {
         Expect::Blocked,
         "read after detach",
     )?;
+    // The domain's tables go back to the allocator only now that no
+    // context entry points at them and the IOTLB was invalidated.
+    let free_before = platform.frames.lock().free_frames();
+    unit.free_domain(domain).map_err(|e| format!("{e:?}"))?;
+    let released = platform.frames.lock().free_frames() - free_before;
+    if released == 0 {
+        return Err(String::from(
+            "freeing the domain released no page-table pages",
+        ));
+    }
+    info!("vtd-dma: domain freed, {released} page-table pages released");
+    platform
+        .frames
+        .lock()
+        .free(buffers, 2)
+        .map_err(|e| format!("{e}"))?;
     Ok(())
 }
