@@ -63,6 +63,16 @@ struct UnmapJob<'h> {
     break_hook: Option<&'h mut dyn FnMut(IovaRange)>,
 }
 
+/// The state of one dirty scan.
+struct DirtyScan<'r> {
+    dirty_bit: u64,
+    clear: bool,
+    /// The dirty run not reported yet (extended while leaves are adjacent).
+    pending: Option<IovaRange>,
+    report: &'r mut dyn FnMut(IovaRange),
+    inv: Invalidation,
+}
+
 /// The parts of a map request every level needs.
 struct MapJob<A> {
     end: u64,
@@ -260,6 +270,86 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
                     });
                 }
             }
+        }
+    }
+
+    /// Reports the dirty leaves in `[iova, iova + len)` to `report` (as
+    /// merged IOVA ranges, in increasing order) and, with `clear`, clears
+    /// their dirty bits.
+    ///
+    /// A leaf has one dirty bit, so a dirty superpage is reported whole,
+    /// even where it extends beyond the range (clearing its bit forgets the
+    /// whole superpage's state). The returned [`Invalidation`]
+    /// ([`ChangeKind::DirtyCleared`]) lists the leaves whose bit was cleared:
+    /// until the caller invalidates them, a device can keep writing through
+    /// a cached translation without setting the bit again.
+    ///
+    /// Only for coherent walkers of formats with a dirty bit
+    /// ([`PageTableFormat::dirty_bit`]); the caller must have enabled
+    /// hardware dirty updates (VT-d SLADE, EPTP A/D).
+    pub fn read_dirty(
+        &mut self,
+        iova: u64,
+        len: u64,
+        clear: bool,
+        report: &mut dyn FnMut(IovaRange),
+    ) -> Result<Invalidation, PageTableError> {
+        let end = self.check_iova_range(iova, len)?;
+        let dirty_bit = match self.format.dirty_bit() {
+            Some(bit) if self.coherent => bit,
+            _ => return Err(PageTableError::DirtyTrackingUnsupported),
+        };
+        let mut scan = DirtyScan {
+            dirty_bit,
+            clear,
+            pending: None,
+            report,
+            inv: Invalidation::new(ChangeKind::DirtyCleared),
+        };
+        self.scan_dirty(self.root, self.root_level, iova, end, &mut scan);
+        if let Some(range) = scan.pending.take() {
+            (scan.report)(range);
+        }
+        Ok(scan.inv)
+    }
+
+    fn scan_dirty(
+        &self,
+        table: PhysAddr,
+        level: u8,
+        start: u64,
+        end: u64,
+        scan: &mut DirtyScan<'_>,
+    ) {
+        let size = level_size(level);
+        let mut iova = start;
+        while iova < end {
+            let index = level_index(iova, level);
+            let entry_start = iova & !(size - 1);
+            let entry_end = (entry_start + size).min(end);
+            let raw = self.read(table, index);
+            match self.format.decode(level, raw) {
+                Decoded::Table(child) if level > 0 => {
+                    self.scan_dirty(child, level - 1, iova, entry_end, scan);
+                }
+                Decoded::Leaf { .. } if raw & scan.dirty_bit != 0 => {
+                    let leaf = IovaRange::new(entry_start, entry_start + size);
+                    match scan.pending.as_mut() {
+                        Some(run) if run.end == leaf.start => run.end = leaf.end,
+                        _ => {
+                            if let Some(run) = scan.pending.replace(leaf) {
+                                (scan.report)(run);
+                            }
+                        }
+                    }
+                    if scan.clear {
+                        self.write(table, index, raw & !scan.dirty_bit);
+                        scan.inv.record(entry_start, size, size);
+                    }
+                }
+                _ => {}
+            }
+            iova = entry_end;
         }
     }
 

@@ -70,6 +70,13 @@ pub trait PageTableFormat {
     fn hardware_managed_bits(&self) -> u64 {
         0
     }
+    /// The bit hardware sets in a leaf when a write goes through it, if the
+    /// format has one the engine can read and clear for dirty tracking
+    /// (VT-d second level with SLADE, first level, NPT, EPT with A/D
+    /// enabled in the EPTP). `None`: dirty tracking is not offered.
+    fn dirty_bit(&self) -> Option<u64> {
+        None
+    }
     /// Whether replacing a superpage leaf by a table (a split) must go
     /// through an invalid entry and a TLB invalidation (Arm
     /// break-before-make). x86 formats allow the direct replacement.

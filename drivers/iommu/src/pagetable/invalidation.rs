@@ -100,6 +100,10 @@ pub enum ChangeKind {
     Mapped,
     /// Pages went from present to not present.
     Unmapped,
+    /// Dirty bits of present leaves were cleared; translations are
+    /// unchanged, but cached ones must go so the next write sets the bit
+    /// again.
+    DirtyCleared,
 }
 
 /// Exactly what a successful `map` or `unmap` changed, and so what the caller
@@ -170,12 +174,12 @@ impl Invalidation {
     }
 
     /// The pages that went from not present to present: all of `ranges()`
-    /// for a map, nothing for an unmap. Hardware that caches not-present
+    /// for a map, nothing otherwise. Hardware that caches not-present
     /// entries (VT-d caching mode) needs these invalidated too.
     pub fn newly_present(&self) -> &[IovaRange] {
         match self.kind {
             ChangeKind::Mapped => &self.ranges,
-            ChangeKind::Unmapped => &[],
+            ChangeKind::Unmapped | ChangeKind::DirtyCleared => &[],
         }
     }
 

@@ -195,6 +195,9 @@ pub enum PageTableError {
     /// The unmap needs to split a superpage and the format requires
     /// break-before-make for that: use `unmap_with_break`.
     NeedsBreakBeforeMake,
+    /// The format has no dirty bit the engine can use, or the walker does
+    /// not snoop CPU caches (hardware-set bits would not be seen reliably).
+    DirtyTrackingUnsupported,
 }
 
 impl fmt::Display for PageTableError {
@@ -219,6 +222,9 @@ impl fmt::Display for PageTableError {
             Self::UnsupportedAttributes => f.write_str("memory attributes out of range"),
             Self::InvalidFormat => f.write_str("invalid page-table format parameters"),
             Self::OutOfMemory => f.write_str("out of memory for page tables"),
+            Self::DirtyTrackingUnsupported => {
+                f.write_str("dirty tracking is not available for this table")
+            }
             Self::NeedsBreakBeforeMake => {
                 f.write_str("splitting a superpage needs break-before-make with TLB invalidation")
             }

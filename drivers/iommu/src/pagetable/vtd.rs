@@ -229,6 +229,9 @@ impl PageTableFormat for VtdSecondLevel {
     fn hardware_managed_bits(&self) -> u64 {
         VtdSlEntry::ACCESSED | VtdSlEntry::DIRTY
     }
+    fn dirty_bit(&self) -> Option<u64> {
+        Some(VtdSlEntry::DIRTY)
+    }
     fn walk_params(&self) -> WalkParams {
         WalkParams {
             kind: WalkKind::VtdSecondLevel,

@@ -261,6 +261,9 @@ impl PageTableFormat for VtdFirstLevel {
     fn hardware_managed_bits(&self) -> u64 {
         X86PagingEntry::ACCESSED | X86PagingEntry::DIRTY
     }
+    fn dirty_bit(&self) -> Option<u64> {
+        Some(X86PagingEntry::DIRTY)
+    }
     fn walk_params(&self) -> WalkParams {
         WalkParams {
             kind: WalkKind::VtdFirstLevel,
@@ -331,6 +334,9 @@ impl PageTableFormat for AmdNpt {
     }
     fn hardware_managed_bits(&self) -> u64 {
         X86PagingEntry::ACCESSED | X86PagingEntry::DIRTY
+    }
+    fn dirty_bit(&self) -> Option<u64> {
+        Some(X86PagingEntry::DIRTY)
     }
     fn walk_params(&self) -> WalkParams {
         WalkParams {
@@ -514,6 +520,9 @@ impl PageTableFormat for IntelEpt {
     }
     fn hardware_managed_bits(&self) -> u64 {
         EptEntry::ACCESSED | EptEntry::DIRTY
+    }
+    fn dirty_bit(&self) -> Option<u64> {
+        Some(EptEntry::DIRTY)
     }
     fn walk_params(&self) -> WalkParams {
         WalkParams {

@@ -434,3 +434,20 @@ fn leaf_entries_are_linear_in_the_address() {
     check_linear(ArmStage1::new(48, 48).unwrap(), 5);
     check_linear(ArmStage2::new(48, 40).unwrap(), 6);
 }
+
+#[test]
+fn dirty_bit_positions() {
+    // VT-d second level D bit 9; x86 paging D bit 6; EPT D bit 9.
+    assert_eq!(
+        VtdSecondLevel::new(4, 48, 46).unwrap().dirty_bit(),
+        Some(1 << 9)
+    );
+    assert_eq!(VtdFirstLevel::new(4, 46).unwrap().dirty_bit(), Some(1 << 6));
+    assert_eq!(AmdNpt::new(4, 46).unwrap().dirty_bit(), Some(1 << 6));
+    assert_eq!(
+        IntelEpt::new(4, 46, false).unwrap().dirty_bit(),
+        Some(1 << 9)
+    );
+    assert_eq!(ArmStage1::new(48, 48).unwrap().dirty_bit(), None);
+    assert_eq!(ArmStage2::new(48, 48).unwrap().dirty_bit(), None);
+}

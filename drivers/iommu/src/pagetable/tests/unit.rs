@@ -1035,3 +1035,116 @@ fn walker_and_translate_survive_garbage_tables() {
     // The table is garbage now: leak it rather than free random pointers.
     core::mem::forget(pt);
 }
+
+/// Sets the hardware dirty bit of the leaf mapping `iova` at `level`, as a
+/// device write would.
+fn mark_dirty<F: PageTableFormat>(
+    pt: &IoPageTable<'_, F, ModelMemory>,
+    mem: &ModelMemory,
+    iova: u64,
+    level: u8,
+) {
+    let bit = pt.format().dirty_bit().expect("format has a dirty bit");
+    let entry = entry_address(mem, pt.root(), pt.format().levels(), iova, level);
+    mem.write_u64(entry, mem.read_u64(entry) | bit);
+}
+
+fn dirty_scenario<F: TestFormat>(format: F)
+where
+    F::Attrs: Default,
+{
+    let mem = ModelMemory::new();
+    let mut pt: IoPageTable<'_, F, ModelMemory> =
+        IoPageTable::new(&mem, format, cfg(PageSize::Size1G)).unwrap();
+    let rw = MapPerms::READ_WRITE;
+    pt.map(0, PhysAddr::new(G1), 4 * M2, rw, F::Attrs::default())
+        .unwrap()
+        .complete(&mem);
+    let small = 8 * M2;
+    pt.map(
+        small,
+        PhysAddr::new(0x5000),
+        16 * K4,
+        rw,
+        F::Attrs::default(),
+    )
+    .unwrap()
+    .complete(&mem);
+    mark_dirty(&pt, &mem, M2, 1);
+    mark_dirty(&pt, &mem, 2 * M2, 1);
+    mark_dirty(&pt, &mem, small + K4, 0);
+    mark_dirty(&pt, &mem, small + 2 * K4, 0);
+    mark_dirty(&pt, &mem, small + 8 * K4, 0);
+    let expected = [
+        IovaRange::new(M2, 3 * M2),
+        IovaRange::new(small + K4, small + 3 * K4),
+        IovaRange::new(small + 8 * K4, small + 9 * K4),
+    ];
+    let before = snapshot(&pt, &mem);
+
+    let mut seen = Vec::new();
+    let inv = pt.read_dirty(0, G1, false, &mut |r| seen.push(r)).unwrap();
+    assert_eq!(seen, expected);
+    assert!(inv.is_empty());
+    inv.complete(&mem);
+    assert_eq!(
+        snapshot(&pt, &mem),
+        before,
+        "reading without clear changes nothing"
+    );
+
+    // A query inside a dirty superpage reports the whole superpage.
+    let mut seen = Vec::new();
+    pt.read_dirty(M2 + K4, K4, false, &mut |r| seen.push(r))
+        .unwrap()
+        .complete(&mem);
+    assert_eq!(seen, [IovaRange::new(M2, 2 * M2)]);
+
+    let mut seen = Vec::new();
+    let inv = pt.read_dirty(0, G1, true, &mut |r| seen.push(r)).unwrap();
+    assert_eq!(seen, expected);
+    assert_eq!(inv.kind(), super::super::ChangeKind::DirtyCleared);
+    assert_eq!(inv.ranges(), &expected);
+    assert_eq!(inv.largest_page(), M2);
+    assert!(inv.newly_present().is_empty() && !inv.flush_paging_structures());
+    inv.complete(&mem);
+    for iova in [M2, 2 * M2, small + K4, small + 8 * K4] {
+        let t = pt.translate(iova).unwrap();
+        assert_eq!(t.perms, rw, "translation unchanged at {iova:#x}");
+    }
+    let mut seen = Vec::new();
+    pt.read_dirty(0, G1, true, &mut |r| seen.push(r))
+        .unwrap()
+        .complete(&mem);
+    assert!(seen.is_empty(), "bits were cleared: {seen:?}");
+    pt.destroy().release(&mem);
+    assert_eq!(mem.live_pages(), 0);
+}
+
+#[test]
+fn dirty_bits_are_read_and_cleared() {
+    dirty_scenario(vtd4());
+    dirty_scenario(VtdFirstLevel::new(4, 46).unwrap());
+    dirty_scenario(AmdNpt::new(4, 46).unwrap());
+    dirty_scenario(IntelEpt::new(4, 46, false).unwrap());
+}
+
+#[test]
+fn dirty_tracking_needs_a_dirty_bit_and_a_coherent_walker() {
+    let mem = ModelMemory::new();
+    let mut arm =
+        IoPageTable::new(&mem, ArmStage1::new(48, 48).unwrap(), cfg(PageSize::Size1G)).unwrap();
+    assert_eq!(
+        arm.read_dirty(0, K4, false, &mut |_| {}).map(|_| ()),
+        Err(PageTableError::DirtyTrackingUnsupported)
+    );
+    arm.destroy().release(&mem);
+    let mut vtd =
+        IoPageTable::new(&mem, vtd4(), TableConfig::new(PageSize::Size1G, false)).unwrap();
+    assert_eq!(
+        vtd.read_dirty(0, K4, false, &mut |_| {}).map(|_| ()),
+        Err(PageTableError::DirtyTrackingUnsupported)
+    );
+    vtd.destroy().release(&mem);
+    assert_eq!(mem.live_pages(), 0);
+}
