@@ -83,6 +83,61 @@ impl<F: InstructionFetch + ?Sized> InstructionFetch for PrefetchedFetch<'_, F> {
     }
 }
 
+/// Code fetch through the guest's own 4- or 5-level IA-32e page tables
+/// (SDM vol. 3, 4.5): each byte's linear address is translated by walking
+/// the tables at `cr3` in guest RAM. A table entry that is not present,
+/// has reserved bits in its address or lies outside RAM makes the fetch
+/// fail; nothing is ever read outside the VM's RAM.
+pub struct PagedFetch<'m> {
+    pub mem: &'m dyn GuestMemory,
+    pub cr3: u64,
+    /// 5 with CR4.LA57, else 4.
+    pub levels: u8,
+}
+
+/// Address bits 51:12 of a paging-structure entry.
+const ENTRY_ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+const ENTRY_PRESENT: u64 = 1 << 0;
+const ENTRY_PAGE_SIZE: u64 = 1 << 7;
+
+impl PagedFetch<'_> {
+    /// The guest-physical address of `linear`.
+    pub fn translate(&self, linear: u64) -> Result<u64, FetchError> {
+        let mut table = self.cr3 & ENTRY_ADDRESS;
+        for level in (0..self.levels).rev() {
+            let shift = 12 + 9 * u32::from(level);
+            let index = (linear >> shift) & 0x1ff;
+            let mut raw = [0u8; 8];
+            self.mem.read(table + index * 8, &mut raw)?;
+            let entry = u64::from_le_bytes(raw);
+            if entry & ENTRY_PRESENT == 0 {
+                return Err(FetchError::NotMapped { linear });
+            }
+            // PS in a PDE (2 MiB) or PDPTE (1 GiB) ends the walk.
+            if (level == 1 || level == 2) && entry & ENTRY_PAGE_SIZE != 0 {
+                let size = 1u64 << shift;
+                return Ok((entry & ENTRY_ADDRESS & !(size - 1)) | (linear & (size - 1)));
+            }
+            if level > 2 && entry & ENTRY_PAGE_SIZE != 0 {
+                // PS is reserved in PML4Es and PML5Es: a #PF on hardware.
+                return Err(FetchError::NotMapped { linear });
+            }
+            table = entry & ENTRY_ADDRESS;
+        }
+        Ok(table | (linear & 0xfff))
+    }
+}
+
+impl InstructionFetch for PagedFetch<'_> {
+    fn fetch(&self, linear: u64, out: &mut [u8]) -> Result<(), FetchError> {
+        for (i, slot) in out.iter_mut().enumerate() {
+            let gpa = self.translate(linear.wrapping_add(i as u64))?;
+            self.mem.read(gpa, core::slice::from_mut(slot))?;
+        }
+        Ok(())
+    }
+}
+
 /// The code segment's mode, which decides default operand and address
 /// sizes and whether REX exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1038,6 +1093,64 @@ mod tests {
             decode(&fetch, 0xffe, CodeMode::Long64).unwrap().operation,
             Operation::Vmmcall
         );
+    }
+
+    #[test]
+    fn fetch_through_guest_page_tables() {
+        let vm = VmId(1);
+        let p = Platform::builder()
+            .vm(
+                vm,
+                VmSetup::new().ram(0, 0x40_0000).mmio(0xe000_0000, 0x1000),
+            )
+            .build();
+        let mem = p.memory(vm);
+        let entry = |addr: u64, flags: u64| (addr | flags | 1).to_le_bytes();
+        // PML4 at 0x1000 → PDPT 0x2000 → PD 0x3000: linear 0x4000_0000
+        // is a 2 MiB page at 0x20_0000; linear 0x4020_0000 goes through a
+        // page table at 0x4000 to the 4 KiB page 0x5000.
+        mem.write(0x1000, &entry(0x2000, 2)).unwrap();
+        mem.write(0x2000 + 8, &entry(0x3000, 2)).unwrap();
+        mem.write(0x3000, &entry(0x20_0000, 0x80)).unwrap();
+        mem.write(0x3000 + 8, &entry(0x4000, 0)).unwrap();
+        mem.write(0x4000, &entry(0x5000, 0)).unwrap();
+        // PD entry 2 points its table into MMIO: hostile.
+        mem.write(0x3000 + 16, &entry(0xe000_0000, 0)).unwrap();
+        mem.write(0x20_0010, &[0x0f, 0x01, 0xd9]).unwrap();
+        mem.write(0x5ffe, &[0x0f, 0xa2]).unwrap();
+        let f = PagedFetch {
+            mem,
+            cr3: 0x1000 | 0x18,
+            levels: 4,
+        };
+        assert_eq!(f.translate(0x4000_0010), Ok(0x20_0010));
+        assert_eq!(
+            decode(&f, 0x4000_0010, CodeMode::Long64).unwrap().operation,
+            Operation::Vmmcall
+        );
+        assert_eq!(
+            decode(&f, 0x4020_0ffe, CodeMode::Long64).unwrap().operation,
+            Operation::Cpuid
+        );
+        assert_eq!(
+            f.translate(0x4060_0000),
+            Err(FetchError::NotMapped {
+                linear: 0x4060_0000
+            })
+        );
+        assert_eq!(
+            f.translate(0x4040_0000),
+            Err(FetchError::Memory(GuestMemoryError::NotRam {
+                gpa: 0xe000_0000
+            }))
+        );
+        assert_eq!(f.translate(0), Err(FetchError::NotMapped { linear: 0 }));
+        // An instruction running into an unmapped page fails at that byte.
+        mem.write(0x5fff, &[0x0f]).unwrap();
+        assert!(matches!(
+            decode(&f, 0x4020_0fff, CodeMode::Long64),
+            Err(DecodeError::Fetch { offset: 1, .. })
+        ));
     }
 
     #[test]

@@ -508,6 +508,38 @@ impl Event {
     }
 }
 
+/// The guest state that decides how its code is fetched and decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TranslationState {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// CS.L and CS.D of the current code segment.
+    pub cs_long: bool,
+    pub cs_default_big: bool,
+}
+
+/// CR4.LA57: 5-level paging.
+pub const CR4_LA57: u64 = 1 << 12;
+
+impl TranslationState {
+    pub const fn paging(&self) -> bool {
+        self.cr0 & cr::CR0_PG != 0
+    }
+    /// The decoder mode: 64-bit when EFER.LMA and CS.L, else by CS.D (and
+    /// 16-bit outside protected mode).
+    pub const fn code_mode(&self) -> decode::CodeMode {
+        if self.efer & cr::EFER_LMA != 0 && self.cs_long {
+            decode::CodeMode::Long64
+        } else if self.cr0 & cr::CR0_PE != 0 && self.cs_default_big {
+            decode::CodeMode::Protected32
+        } else {
+            decode::CodeMode::Real16
+        }
+    }
+}
+
 /// Why a backend operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuError {
@@ -559,6 +591,8 @@ pub trait VcpuBackend {
     fn run(&mut self, vcpu: &mut Self::Vcpu) -> Result<Exit, VcpuError>;
     fn registers(&self, vcpu: &Self::Vcpu) -> GuestRegisters;
     fn set_registers(&mut self, vcpu: &mut Self::Vcpu, registers: &GuestRegisters);
+    /// Control registers, EFER and the code segment's mode bits.
+    fn translation_state(&self, vcpu: &Self::Vcpu) -> TranslationState;
     /// Moves RIP past the exiting instruction of `length` bytes (1–15) and
     /// ends any interrupt shadow it created (as the CPU does when it retires
     /// an instruction).

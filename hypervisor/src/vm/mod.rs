@@ -7,9 +7,11 @@
 //! * [`boot`]: the direct-boot protocol (ELF64 loading, start info,
 //!   identity page tables, entry state);
 //! * [`nested`]: the VM's nested page table (NPT / EPT) over its RAM and
-//!   passed-through BARs.
+//!   passed-through BARs;
+//! * [`exits`]: what Sluice does with each vCPU exit, for any backend.
 
 pub mod boot;
 pub mod config;
+pub mod exits;
 pub mod memory;
 pub mod nested;

@@ -16,7 +16,9 @@ use alloc::boxed::Box;
 
 use sluice_hal::PhysAddr;
 
-use super::{EntryState, Event, Exit, GuestRegisters, VcpuBackend, VcpuError, gpr};
+use super::{
+    EntryState, Event, Exit, GuestRegisters, TranslationState, VcpuBackend, VcpuError, gpr,
+};
 use asid::{AsidAllocator, AsidError};
 use permission_maps::{IoPermissionMap, MsrPermissionMap};
 use vmcb::{
@@ -221,6 +223,19 @@ impl<H: SvmHardware> VcpuBackend for SvmBackend<H> {
         r.rip = vcpu.vmcb.save.rip;
         r.rflags = vcpu.vmcb.save.rflags;
         r
+    }
+
+    fn translation_state(&self, vcpu: &SvmVcpu) -> TranslationState {
+        let s = &vcpu.vmcb.save;
+        let cs = s.cs.to_segment();
+        TranslationState {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+            cs_long: cs.long,
+            cs_default_big: cs.default_big,
+        }
     }
 
     fn set_registers(&mut self, vcpu: &mut SvmVcpu, registers: &GuestRegisters) {

@@ -18,8 +18,8 @@ use sluice_iommu::pagetable::x86::IntelEpt;
 
 use super::svm::asid::AsidAllocator;
 use super::{
-    EntryState, Event, Exit, GuestRegisters, MsrAccess, RFLAGS_RESERVED_ONE, Segment, VcpuBackend,
-    VcpuError, cr, gpr,
+    EntryState, Event, Exit, GuestRegisters, MsrAccess, RFLAGS_RESERVED_ONE, Segment,
+    TranslationState, VcpuBackend, VcpuError, cr, gpr,
 };
 use controls::{adjust_controls, check_fixed_bits, sluice};
 use exit::{VmxExitInfo, interruption};
@@ -488,6 +488,20 @@ impl<H: VmxHardware> VcpuBackend for VmxBackend<H> {
         r.rip = vcpu.vmcs.read_natural(guest_natural::RIP);
         r.rflags = vcpu.vmcs.read_natural(guest_natural::RFLAGS);
         r
+    }
+
+    fn translation_state(&self, vcpu: &Self::Vcpu) -> TranslationState {
+        let v = &vcpu.vmcs;
+        let cs = v.read32(guest32::CS_ACCESS_RIGHTS);
+        TranslationState {
+            // The guest's view: CR4.VMXE is Sluice's, not the guest's.
+            cr0: v.read_natural(guest_natural::CR0),
+            cr3: v.read_natural(guest_natural::CR3),
+            cr4: v.read_natural(guest_natural::CR4) & !cr::CR4_VMXE,
+            efer: v.read64(guest64::EFER),
+            cs_long: cs & (1 << 13) != 0,
+            cs_default_big: cs & (1 << 14) != 0,
+        }
     }
 
     fn set_registers(&mut self, vcpu: &mut Self::Vcpu, registers: &GuestRegisters) {
