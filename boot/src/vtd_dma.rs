@@ -172,9 +172,27 @@ pub fn run(platform: &Platform) -> Result<(), String> {
     }
 
     // 2. Attached: DMA through IOVAs reaches the mapped pages.
-    let domain = unit
-        .alloc_domain(DomainConfig::second_level())
-        .map_err(|e| format!("{e:?}"))?;
+    // Coherency: with ECAP.SC the domain forces snooping (SNP in legacy
+    // leaves, PGSNP in scalable PASID entries); without it such a domain is
+    // refused with a clear error.
+    let snooped = unit.capabilities().snoop_control;
+    if !snooped {
+        match unit.alloc_domain(DomainConfig::second_level().snooped()) {
+            Err(sluice_iommu::vtd::VtdError::SnoopControlUnsupported) => {}
+            other => {
+                return Err(format!(
+                    "a snoop-enforcing domain without ECAP.SC gave {other:?}"
+                ));
+            }
+        }
+    }
+    let config = if snooped {
+        DomainConfig::second_level().snooped()
+    } else {
+        DomainConfig::second_level()
+    };
+    let domain = unit.alloc_domain(config).map_err(|e| format!("{e:?}"))?;
+    info!("vtd-dma: domain {domain:?} allocated, snoop enforced: {snooped}");
     unit.map(
         domain,
         IOVA_SOURCE,
