@@ -181,27 +181,18 @@ fn status_write_one_to_clear_reaches_the_host_without_touching_command() {
 fn bars_are_placed_by_sluice_and_sizing_works() {
     let (cfg, topo) = host();
     let mut b = bus(&cfg, &topo);
-    // Largest first, naturally aligned in the window.
+    // Largest first, naturally aligned in the window. BAR 2 holds the
+    // MSI-X table (0x800) and PBA (0xc00) in its only page: not mapped.
     assert_eq!(
         b.bar_mappings(),
-        [
-            BarMapping {
-                device: NIC,
-                index: 0,
-                guest: WINDOW,
-                host: 0xfe00_0000,
-                size: 0x4000,
-                prefetchable: false
-            },
-            BarMapping {
-                device: NIC,
-                index: 2,
-                guest: WINDOW + 0x4000,
-                host: 0xfebf_0000,
-                size: 0x1000,
-                prefetchable: true
-            },
-        ]
+        [BarMapping {
+            device: NIC,
+            index: 0,
+            guest: WINDOW,
+            host: 0xfe00_0000,
+            size: 0x4000,
+            prefetchable: false
+        }]
     );
     assert_eq!(
         b.io_ranges(),
@@ -252,6 +243,40 @@ fn bars_are_placed_by_sluice_and_sizing_works() {
         cfg.writes()[enumeration_writes..]
             .iter()
             .all(|w| !(0x10..0x28).contains(&w.offset))
+    );
+}
+
+#[test]
+fn msix_table_and_pba_pages_stay_unmapped() {
+    let cfg = ModelConfigSpace::new();
+    // 64 KiB BAR 0 with a 64-entry MSI-X table at 0x3000 (1 KiB) and the
+    // PBA at 0x9000 (8 bytes).
+    cfg.add(
+        NIC,
+        FunctionBuilder::endpoint(0x15b3, 0x1017, 0x02_00_00)
+            .bar_mem64(0, 0xf000_0000, 0x1_0000, false)
+            .msix(64, 0, 0x3000, 0, 0x9000),
+    );
+    let topo = enumerate(&cfg, Segment(0), &[0], 0..=0);
+    let b = GuestPciBus::new(
+        &cfg,
+        &[(topo.get(NIC).unwrap(), GUEST_NIC)],
+        WINDOW,
+        1 << 20,
+    )
+    .unwrap();
+    let pieces: Vec<(u64, u64, u64)> = b
+        .bar_mappings()
+        .iter()
+        .map(|m| (m.guest - WINDOW, m.host - 0xf000_0000, m.size))
+        .collect();
+    assert_eq!(
+        pieces,
+        [
+            (0, 0, 0x3000),
+            (0x4000, 0x4000, 0x5000),
+            (0xa000, 0xa000, 0x6000)
+        ]
     );
 }
 

@@ -16,6 +16,10 @@
 //! | MSI-X: control enable and function mask | guest's values | recorded, never written raw |
 //! | other capabilities, extended space | host | dropped |
 //!
+//! Memory BARs are mapped into the guest page by page
+//! ([`GuestPciBus::bar_mappings`]), minus the pages of the MSI-X table and
+//! pending-bit array, which must fault to Sluice.
+//!
 //! Functions the guest does not own read as all ones and ignore writes,
 //! like an empty slot.
 
@@ -177,6 +181,8 @@ pub struct PassthroughDevice {
     multi_function: bool,
     msi: Option<MsiShadow>,
     msix: Option<(u16, GuestMsix)>,
+    /// (BAR index, byte offset, length) of the MSI-X table and PBA.
+    msix_structures: Vec<(u8, u64, u64)>,
 }
 
 impl PassthroughDevice {
@@ -253,6 +259,19 @@ impl<C: ConfigSpace> GuestPciBus<C> {
                 multi_function: false,
                 msi,
                 msix: f.caps.msix.map(|m| (m.offset, GuestMsix::default())),
+                msix_structures: f
+                    .caps
+                    .msix
+                    .map(|m| {
+                        // Table: 16 bytes per entry; PBA: one bit per entry
+                        // in qwords (PCI 3.0 §6.8.2).
+                        let entries = u64::from(m.table_size);
+                        alloc::vec![
+                            (m.table_bir, u64::from(m.table_offset), entries * 16),
+                            (m.pba_bir, u64::from(m.pba_offset), entries.div_ceil(64) * 8),
+                        ]
+                    })
+                    .unwrap_or_default(),
             });
         }
         let slots: Vec<u8> = devices.iter().map(|d| d.guest.devfn() >> 3).collect();
@@ -282,20 +301,51 @@ impl<C: ConfigSpace> GuestPciBus<C> {
         &self.host
     }
 
-    /// Memory BARs to map into the guest's nested tables. BARs smaller
-    /// than a page are left out: mapping their page would expose whatever
-    /// else shares it.
+    /// Memory BARs to map into the guest's nested tables, as page ranges.
+    ///
+    /// Left out, so that guest accesses fault to Sluice instead:
+    /// * BARs smaller than a page (mapping their page would expose
+    ///   whatever else shares it);
+    /// * the pages holding a device's MSI-X table and pending-bit array:
+    ///   a guest writing raw MSI addresses there could make the device
+    ///   write anywhere in the interrupt window.
     pub fn bar_mappings(&self) -> Vec<BarMapping> {
         let mut out = Vec::new();
         for d in &self.devices {
             for b in &d.bars {
-                if b.bar.kind != BarKind::Io && b.bar.size >= 4096 {
+                if b.bar.kind == BarKind::Io || b.bar.size < 4096 {
+                    continue;
+                }
+                // Page ranges of this BAR that must stay unmapped.
+                let mut holes: Vec<(u64, u64)> = d
+                    .msix_structures
+                    .iter()
+                    .filter(|&&(bir, _, len)| bir == b.bar.index && len > 0)
+                    .map(|&(_, offset, len)| {
+                        let start = offset & !0xfff;
+                        let end = offset.saturating_add(len).next_multiple_of(4096);
+                        (start, end.min(b.bar.size))
+                    })
+                    .collect();
+                holes.sort_unstable();
+                let mut at = 0u64;
+                let mut pieces = Vec::new();
+                for (start, end) in holes {
+                    if start > at {
+                        pieces.push((at, start));
+                    }
+                    at = at.max(end);
+                }
+                if at < b.bar.size {
+                    pieces.push((at, b.bar.size));
+                }
+                for (start, end) in pieces {
                     out.push(BarMapping {
                         device: d.host,
                         index: b.bar.index,
-                        guest: b.guest,
-                        host: b.bar.address,
-                        size: b.bar.size,
+                        guest: b.guest + start,
+                        host: b.bar.address + start,
+                        size: end - start,
                         prefetchable: b.bar.prefetchable,
                     });
                 }
