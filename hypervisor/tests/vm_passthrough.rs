@@ -537,3 +537,54 @@ fn ecam_exits_that_cannot_be_emulated_stop_the_vm() {
         Err(MmioError::NotEcam(0x5000))
     );
 }
+
+#[test]
+fn from_a_validated_vm_to_the_guest_bus_and_start_info() {
+    use sluice_hypervisor::vm::boot::{StartInfoDevice, start_info_devices};
+    use sluice_hypervisor::vm::config::{
+        PlatformDevice, PlatformLimits, VmConfig, passthrough_functions, validate,
+    };
+    let (cfg, topo) = host();
+    let platform: Vec<PlatformDevice> = topo
+        .functions
+        .iter()
+        .map(|f| PlatformDevice {
+            address: f.addr,
+            group: u32::from(f.addr.bdf.device()),
+            iommu: true,
+            bridge: f.is_bridge(),
+        })
+        .collect();
+    let vm = VmConfig::parse("net0:mem=64M:image=guest0:dev=0000:00:04.0+0000:00:03.0").unwrap();
+    let limits = PlatformLimits {
+        memory: 1 << 30,
+        max_cpus: 4,
+    };
+    let valid = validate(&[vm], &platform, limits).unwrap().remove(0);
+    let topologies = [topo];
+    let functions = passthrough_functions(&valid.devices, &topologies);
+    assert_eq!(functions.len(), 2);
+    let b = GuestPciBus::new(&cfg, &functions, WINDOW, layout::BAR_WINDOW_SIZE).unwrap();
+    // 00:04.0 came first: guest 00:01.0; the NIC is 00:02.0.
+    assert_eq!(b.read(Bdf::new(0, 1, 0), 0, Dword), 0x11e8_1234);
+    assert_eq!(b.read(Bdf::new(0, 2, 0), 0, Dword), 0x10d3_8086);
+    assert_eq!(
+        start_info_devices(&valid.devices, &topologies),
+        [
+            StartInfoDevice {
+                guest_bdf: sluice_abi::bdf(0, 0, 1, 0),
+                vendor_id: 0x1234,
+                device_id: 0x11e8,
+                class_code: 0x00_ff_00,
+                iommu_group: 4
+            },
+            StartInfoDevice {
+                guest_bdf: sluice_abi::bdf(0, 0, 2, 0),
+                vendor_id: 0x8086,
+                device_id: 0x10d3,
+                class_code: 0x02_00_00,
+                iommu_group: 3
+            },
+        ]
+    );
+}

@@ -519,6 +519,28 @@ pub struct StartInfoDevice {
     pub iommu_group: u32,
 }
 
+/// The start-info device list of a VM's assigned functions, with their
+/// identity from enumeration (`topologies`: one per segment). Functions
+/// missing from the topologies are left out.
+pub fn start_info_devices(
+    devices: &[super::config::AssignedPci],
+    topologies: &[sluice_pci::Topology],
+) -> Vec<StartInfoDevice> {
+    devices
+        .iter()
+        .filter_map(|d| {
+            let f = topologies.iter().find_map(|t| t.get(d.host))?;
+            Some(StartInfoDevice {
+                guest_bdf: d.guest_abi_bdf(),
+                vendor_id: f.vendor_id,
+                device_id: f.device_id,
+                class_code: f.class_code,
+                iommu_group: d.group,
+            })
+        })
+        .collect()
+}
+
 /// `StartInfo::console_kind` values.
 pub mod console_kind {
     pub const NONE: u32 = 0;

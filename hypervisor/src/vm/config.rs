@@ -514,6 +514,37 @@ pub struct AssignedPci {
     pub group: u32,
 }
 
+impl AssignedPci {
+    /// The guest BDF in the hypercall ABI's packing ([`sluice_abi::bdf`]),
+    /// as `DEVICE_LIST` and the start info show it.
+    pub const fn guest_abi_bdf(&self) -> u32 {
+        sluice_abi::bdf(
+            0,
+            self.guest.bus(),
+            self.guest.device(),
+            self.guest.function(),
+        )
+    }
+}
+
+/// The host functions of `devices` with their guest BDFs, as
+/// [`crate::passthrough::GuestPciBus::new`] takes them; devices missing
+/// from `topologies` (one per segment) are left out.
+pub fn passthrough_functions<'t>(
+    devices: &[AssignedPci],
+    topologies: &'t [Topology],
+) -> Vec<(&'t sluice_pci::Function, Bdf)> {
+    devices
+        .iter()
+        .filter_map(|d| {
+            topologies
+                .iter()
+                .find_map(|t| t.get(d.host))
+                .map(|f| (f, d.guest))
+        })
+        .collect()
+}
+
 /// A VM that passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidVm {

@@ -27,7 +27,7 @@ use vmcb::{
 };
 
 /// SVM features of the processor (CPUID Fn8000_000A, APM vol. 3 appendix
-/// E.4.9) and its physical address width (Fn8000_0008 EAX[7:0]).
+/// E.4.9) and its physical address width (Fn8000_0008 EAX bits 7:0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SvmFeatures {
     /// EBX: number of ASIDs.

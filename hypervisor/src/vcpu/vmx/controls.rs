@@ -131,7 +131,7 @@ pub mod sluice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnsupportedControls(pub u32);
 
-/// Adjusts `desired` to a capability MSR (IA32_VMX_[TRUE_]PINBASED_CTLS
+/// Adjusts `desired` to a capability MSR (`IA32_VMX_[TRUE_]PINBASED_CTLS`
 /// and friends, SDM appendix A.3-A.5): bits 31:0 are the allowed 0-settings
 /// (a 1 there means the control must be 1), bits 63:32 the allowed
 /// 1-settings (a 0 there means it must be 0). Required bits are added;
