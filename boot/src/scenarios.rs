@@ -33,6 +33,11 @@ const SCENARIOS: &[Scenario] = &[
         run: fault,
     },
     Scenario {
+        name: "panic",
+        what: "a deliberate panic is reported with its location and message",
+        run: deliberate_panic,
+    },
+    Scenario {
         name: "pci",
         what: "PCI Express enumeration through ECAM finds the board's devices, edu among them",
         run: pci,
@@ -379,6 +384,11 @@ fn acpi_dump(platform: &Platform) -> Outcome {
     check(dumped > 0, || {
         String::from("none of DMAR, IORT, MCFG, APIC, SPCR was found")
     })
+}
+
+fn deliberate_panic(_platform: &Platform) -> Outcome {
+    info!("panic: panicking on purpose; the panic handler must report it");
+    panic!("deliberate panic from the panic scenario")
 }
 
 fn fault(_platform: &Platform) -> Outcome {

@@ -99,6 +99,16 @@ pub const SCENARIOS: &[Scenario] = &[
         },
         ..Scenario::DEFAULT
     },
+    // The panic path: Sluice panics on purpose, prints the location and
+    // message, and exits with the panic status; the harness must fail it.
+    Scenario {
+        name: "panic",
+        cmdline: "test=panic",
+        expected: Expected::Fail {
+            reason_contains: "panic: deliberate panic",
+        },
+        ..Scenario::DEFAULT
+    },
     // PCI Express enumeration through ECAM finds the board's devices, edu among them.
     Scenario {
         name: "pci",
