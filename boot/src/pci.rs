@@ -27,13 +27,17 @@ impl Pci {
     /// Sets memory decode and bus mastering in COMMAND so the device can
     /// answer MMIO and issue DMA.
     pub fn enable_memory_and_bus_master(&self, addr: PciAddress) -> Result<(), String> {
-        const COMMAND: u16 = 0x04;
+        use sluice_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE};
         let command = self
             .ecam
             .read16(addr, COMMAND)
             .map_err(|e| format!("{e:?}"))?;
         self.ecam
-            .write16(addr, COMMAND, command | 0x2 | 0x4)
+            .write16(
+                addr,
+                COMMAND,
+                command | COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER,
+            )
             .map_err(|e| format!("{e:?}"))
     }
 }
@@ -43,6 +47,13 @@ impl Pci {
 /// and reserved region.
 pub struct IommuMap {
     pub per_segment: Vec<sluice_iommu::association::Association>,
+    /// The parsed DMAR on VT-d machines (the units' register bases and the
+    /// host address width live there).
+    #[cfg_attr(
+        not(target_arch = "x86_64"),
+        expect(dead_code, reason = "only the x86 VT-d scenarios read the DMAR so far")
+    )]
+    pub dmar: Option<sluice_iommu::acpi::dmar::Dmar>,
 }
 
 impl IommuMap {
@@ -77,7 +88,10 @@ pub fn associate(acpi: &Acpi, pci: &Pci) -> Result<IommuMap, String> {
                 warn!("dmar: {problem}");
             }
         }
-        return Ok(IommuMap { per_segment });
+        return Ok(IommuMap {
+            per_segment,
+            dmar: Some(table),
+        });
     }
     if let Some(bytes) = acpi.raw::<RawIort>() {
         let table = iort::parse(bytes).map_err(|e| format!("IORT is malformed: {e:?}"))?;
@@ -92,7 +106,10 @@ pub fn associate(acpi: &Acpi, pci: &Pci) -> Result<IommuMap, String> {
                 warn!("iort: {problem}");
             }
         }
-        return Ok(IommuMap { per_segment });
+        return Ok(IommuMap {
+            per_segment,
+            dmar: None,
+        });
     }
     Err(String::from(
         "firmware describes no IOMMU (no DMAR or IORT table): no device can be isolated, none will be assigned",

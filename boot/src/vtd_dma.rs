@@ -17,11 +17,9 @@ use alloc::vec::Vec;
 
 use log::info;
 use sluice_hal::PhysAddr;
-use sluice_iommu::acpi::dmar;
 use sluice_iommu::association::UnitId;
 use sluice_iommu::pagetable::MapPerms;
 use sluice_iommu::vtd::{AccessKind, DomainConfig, FaultRecord, VtdConfig, VtdUnit};
-use sluice_kernel::acpi_tables::RawDmar;
 use sluice_kernel::clock::KernelClock;
 use sluice_kernel::hw::{FrameDmaMemory, PhysMmio};
 use sluice_kernel::platform::Platform;
@@ -126,8 +124,7 @@ pub fn run(platform: &Platform) -> Result<(), String> {
         return Err(format!("edu {addr} is not covered by a VT-d unit"));
     };
     let source = device.requester_id;
-    let table =
-        dmar::parse(acpi.raw::<RawDmar>().ok_or("no DMAR")?).map_err(|e| format!("DMAR: {e:?}"))?;
+    let table = map.dmar.as_ref().ok_or("no DMAR table")?;
     let drhd = table.drhds.get(unit_index).ok_or("DRHD vanished")?;
     // SAFETY: the DRHD names this register block; Sluice owns the unit now.
     let mmio = unsafe { PhysMmio::new(drhd.register_base, drhd.register_size()) };
