@@ -15,8 +15,8 @@ use sluice_hal::{ReadOnly, ReadWrite, Reg32, Reg64, poll_until};
 use sluice_kernel::clock::KernelClock;
 use sluice_kernel::hw::PhysMmio;
 
-pub const VENDOR: u16 = 0x1234;
-pub const DEVICE: u16 = 0x11e8;
+const VENDOR: u16 = 0x1234;
+const DEVICE: u16 = 0x11e8;
 /// The device-side buffer as seen in DMA addresses.
 pub const DEVICE_BUFFER: u64 = 0x40000;
 pub const MAX_TRANSFER: u64 = 2048;
@@ -32,6 +32,11 @@ const COMMAND_START: u64 = 1 << 0;
 const COMMAND_TO_RAM: u64 = 1 << 1;
 /// QEMU runs a transfer about 100 ms after it is started.
 const DMA_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// Whether `function` is an edu device.
+pub fn is_edu(function: &sluice_pci::Function) -> bool {
+    (function.vendor_id, function.device_id) == (VENDOR, DEVICE)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {

@@ -175,28 +175,16 @@ fn boot(platform: &Platform) -> Outcome {
 fn pci(platform: &Platform) -> Outcome {
     let acpi = platform.acpi.as_ref().ok_or("no ACPI tables")?;
     let pci = crate::pci::discover(acpi)?;
-    let mut count = 0;
-    for f in pci.functions() {
-        info!(
-            "pci {} {:04x}:{:04x} class={:06x} {:?}{}",
-            f.addr,
-            f.vendor_id,
-            f.device_id,
-            f.class_code,
-            f.header_type,
-            f.bridge
-                .map(|b| format!(" buses {:02x}-{:02x}", b.secondary, b.subordinate))
-                .unwrap_or_default()
-        );
-        count += 1;
+    // The per-device boot lines come from the IOMMU association; without
+    // IOMMU tables there are none, and enumeration is still checked.
+    if let Err(why) = crate::pci::associate(acpi, &pci) {
+        log::warn!("pci: {why}");
     }
+    let count = pci.functions().count();
     check(count > 0, || {
         String::from("enumeration found no PCI functions")
     })?;
-    let edus = pci
-        .functions()
-        .filter(|f| (f.vendor_id, f.device_id) == (crate::edu::VENDOR, crate::edu::DEVICE))
-        .count();
+    let edus = pci.functions().filter(|f| crate::edu::is_edu(f)).count();
     check(edus > 0, || {
         format!("no edu device among the {count} functions found")
     })?;
@@ -209,10 +197,8 @@ fn topology(platform: &Platform) -> Outcome {
     let acpi = platform.acpi.as_ref().ok_or("no ACPI tables")?;
     let pci = crate::pci::discover(acpi)?;
     let map = crate::pci::associate(acpi, &pci)?;
-    let is_edu = |f: &&sluice_pci::Function| {
-        (f.vendor_id, f.device_id) == (crate::edu::VENDOR, crate::edu::DEVICE)
-    };
-    let edus: Vec<&sluice_pci::Function> = pci.functions().filter(is_edu).collect();
+    let edus: Vec<&sluice_pci::Function> =
+        pci.functions().filter(|f| crate::edu::is_edu(f)).collect();
     check(edus.len() >= 2, || {
         format!(
             "the topology scenario needs several edu devices, found {}",
@@ -299,7 +285,7 @@ pub fn first_edu(
 ) -> Result<(crate::edu::Edu, sluice_pci::PciAddress), String> {
     let function = pci
         .functions()
-        .find(|f| (f.vendor_id, f.device_id) == (crate::edu::VENDOR, crate::edu::DEVICE))
+        .find(|f| crate::edu::is_edu(f))
         .ok_or("no edu device on this board")?;
     let bar0 = function
         .bars
