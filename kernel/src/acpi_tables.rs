@@ -15,23 +15,29 @@ use acpi::{AcpiHandler, AcpiTable, AcpiTables, PhysicalMapping};
 #[derive(Clone, Copy, Debug)]
 pub struct IdentityHandler;
 
+#[repr(C, align(16))]
+struct ZeroTable([u8; 4096]);
+
+static NULL_TABLE: ZeroTable = ZeroTable([0; 4096]);
+
 impl AcpiHandler for IdentityHandler {
     unsafe fn map_physical_region<T>(
         &self,
         physical_address: usize,
         size: usize,
     ) -> PhysicalMapping<Self, T> {
+        // A null pointer (a corrupt XSDT entry) reads as zeros, which no
+        // signature or checksum check accepts, so the table is skipped.
+        let (virtual_start, mapped) = match NonNull::new(physical_address as *mut T) {
+            Some(pointer) => (pointer, size),
+            None => (
+                NonNull::from(&NULL_TABLE).cast::<T>(),
+                size.min(NULL_TABLE.0.len()),
+            ),
+        };
         // SAFETY: physical memory is identity-mapped; the `acpi` crate only
-        // asks for regions firmware described as tables.
-        unsafe {
-            PhysicalMapping::new(
-                physical_address,
-                NonNull::new(physical_address as *mut T).unwrap_or(NonNull::dangling()),
-                size,
-                size,
-                *self,
-            )
-        }
+        // reads regions firmware described as tables (or the zero block).
+        unsafe { PhysicalMapping::new(physical_address, virtual_start, size, mapped, *self) }
     }
 
     fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
