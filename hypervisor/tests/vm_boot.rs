@@ -332,7 +332,7 @@ fn devices() -> Vec<StartInfoDevice> {
 #[test]
 fn boot_writes_start_info_tables_and_entry_state() {
     let r = ram(64 * MIB);
-    let booted = boot::boot_x86(&r, r.regions(), &guest_image(), &devices(), false).unwrap();
+    let booted = boot::boot_x86(&r, r.regions(), &guest_image(), &devices(), "dma", false).unwrap();
     let e = booted.entry_state;
     assert_eq!(e.registers.rip, 0x10_0000);
     assert_eq!(e.registers.gprs[gpr::RDI], boot::START_INFO_GPA);
@@ -418,6 +418,13 @@ fn boot_writes_start_info_tables_and_entry_state() {
     assert_eq!(u32_at(&all, dev_at), sluice_abi::bdf(0, 0, 1, 0));
     assert_eq!(u32_at(&all, dev_at + 4), 0x11e8_1234);
     assert_eq!(u32_at(&all, dev_at + 12), 3);
+    // The guest arguments after the device list, NUL-terminated.
+    let (args_at, args_len) = (u32_at(&info, 0x58) as usize, u32_at(&info, 0x5c) as usize);
+    assert_eq!(args_at, dev_at + 16);
+    assert_eq!(&all[args_at..args_at + args_len], b"dma");
+    assert_eq!(all[args_at + args_len], 0);
+    assert_eq!(total, args_at + args_len + 1);
+    assert_eq!(booted.start_info.args, "dma");
 
     // The identity tables, walked independently.
     let params = VtdFirstLevel::new(4, 52).unwrap().walk_params();
@@ -497,7 +504,7 @@ fn boot_refusals() {
     // The image is refused before the start info is written.
     let r = ram(8 * MIB);
     assert_eq!(
-        boot::boot_x86(&r, r.regions(), b"MZ not an elf", &[], false).err(),
+        boot::boot_x86(&r, r.regions(), b"MZ not an elf", &[], "", false).err(),
         Some(BootError::Elf(ElfError::TooShort))
     );
     assert_eq!(bytes(&r, boot::START_INFO_GPA, 8), [0; 8]);
@@ -505,7 +512,36 @@ fn boot_refusals() {
     let frames: &'static ModelFrames = Box::leak(Box::new(ModelFrames::new()));
     let high = GuestRam::new(frames, &[(16 * MIB, 8 * MIB)]).unwrap();
     assert!(matches!(
-        boot::boot_x86(&high, high.regions(), &guest_image(), &[], false),
+        boot::boot_x86(&high, high.regions(), &guest_image(), &[], "", false),
         Err(BootError::Memory(_))
     ));
+    // Arguments the command line could not have produced are refused
+    // before anything is written.
+    let r = ram(8 * MIB);
+    for bad in ["a:b", "a=b", "with space", &"x".repeat(65)] {
+        assert_eq!(
+            boot::boot_x86(&r, r.regions(), &guest_image(), &[], bad, false).err(),
+            Some(BootError::BadArgs),
+            "{bad}"
+        );
+    }
+    assert_eq!(bytes(&r, 0x10_0000, 4), [0; 4]);
+    assert_eq!(bytes(&r, boot::START_INFO_GPA, 8), [0; 8]);
+}
+
+#[test]
+fn start_info_without_arguments_keeps_the_v1_header() {
+    let r = ram(16 * MIB);
+    let booted = boot::boot_x86(&r, r.regions(), &guest_image(), &devices(), "", false).unwrap();
+    let info = bytes(&r, boot::START_INFO_GPA, 0x60);
+    let u32_at = |o: usize| u32::from_le_bytes(info[o..o + 4].try_into().unwrap());
+    assert_eq!(u32_at(8), 1, "still version 1");
+    assert_eq!((u32_at(0x58), u32_at(0x5c)), (0, 0));
+    let dev_at = u32_at(0x50) as usize;
+    assert_eq!(
+        u32_at(0x0c) as usize,
+        dev_at + 16,
+        "nothing after the devices"
+    );
+    assert_eq!(booted.start_info.args, "");
 }

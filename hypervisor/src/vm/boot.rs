@@ -20,6 +20,7 @@
 //! | `0x80000`–`0xfffff` | initial stack (`RSP` = `0x100000 - 8`) |
 //! | `0x100000`– | the image's `PT_LOAD` segments |
 
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::Cell;
@@ -231,6 +232,9 @@ pub enum BootError {
     StartInfoTooLarge {
         bytes: usize,
     },
+    /// The guest arguments break the `args=` rules
+    /// ([`super::config::valid_args`]).
+    BadArgs,
 }
 
 impl From<ElfError> for BootError {
@@ -262,6 +266,9 @@ impl fmt::Display for BootError {
                     f,
                     "start info of {bytes} bytes exceeds {START_INFO_MAX} bytes"
                 )
+            }
+            Self::BadArgs => {
+                f.write_str("guest arguments must be 1-64 letters, digits, `_`, `.`, `,` or `-`")
             }
         }
     }
@@ -570,7 +577,12 @@ pub mod console_kind {
 /// | 0x44 | u32 device entries |
 /// | 0x48 | u64 memory-map offset (from the block start) |
 /// | 0x50 | u64 device-list offset |
-/// | 0x58 | u64 reserved (0) |
+/// | 0x58 | u32 guest-arguments offset (0 without arguments) |
+/// | 0x5c | u32 guest-arguments length in bytes |
+///
+/// The guest arguments (the VM's `args=` word) follow the device list,
+/// followed by one NUL byte that the length does not count. Version 1
+/// first had a reserved zero u64 at 0x58, which reads as "no arguments".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartInfo {
     pub image_start: u64,
@@ -581,6 +593,8 @@ pub struct StartInfo {
     pub console_address: u64,
     pub memory_map: Vec<MemoryRegion>,
     pub devices: Vec<StartInfoDevice>,
+    /// The VM's `args=` word ([`super::config::valid_args`]), or empty.
+    pub args: String,
 }
 
 pub const START_INFO_HEADER_SIZE: usize = 0x60;
@@ -592,7 +606,12 @@ impl StartInfo {
     pub fn encode(&self) -> Vec<u8> {
         let map_offset = START_INFO_HEADER_SIZE;
         let dev_offset = map_offset + self.memory_map.len() * MEMORY_REGION_SIZE;
-        let total = dev_offset + self.devices.len() * DEVICE_ENTRY_SIZE;
+        let args_offset = dev_offset + self.devices.len() * DEVICE_ENTRY_SIZE;
+        let total = if self.args.is_empty() {
+            args_offset
+        } else {
+            args_offset + self.args.len() + 1
+        };
         let mut b = vec![0u8; total];
         let put = |b: &mut Vec<u8>, o: usize, v: &[u8]| b[o..o + v.len()].copy_from_slice(v);
         put(&mut b, 0x00, &START_INFO_MAGIC.to_le_bytes());
@@ -609,6 +628,12 @@ impl StartInfo {
         put(&mut b, 0x44, &(self.devices.len() as u32).to_le_bytes());
         put(&mut b, 0x48, &(map_offset as u64).to_le_bytes());
         put(&mut b, 0x50, &(dev_offset as u64).to_le_bytes());
+        if !self.args.is_empty() {
+            put(&mut b, 0x58, &(args_offset as u32).to_le_bytes());
+            put(&mut b, 0x5c, &(self.args.len() as u32).to_le_bytes());
+            // The NUL after the bytes is already there (zero-filled).
+            put(&mut b, args_offset, self.args.as_bytes());
+        }
         for (i, r) in self.memory_map.iter().enumerate() {
             let o = map_offset + i * MEMORY_REGION_SIZE;
             put(&mut b, o, &r.base.to_le_bytes());
@@ -877,14 +902,19 @@ pub struct BootedGuest {
 
 /// Boots an x86 guest: loads `image`, writes the GDT, TSS, start info and
 /// identity tables, and returns the first vCPU's entry state. `ram` are
-/// the VM's RAM regions; `devices` its passed-through functions.
+/// the VM's RAM regions; `devices` its passed-through functions; `args`
+/// its `args=` word (`VmConfig::args`, empty for none).
 pub fn boot_x86(
     mem: &dyn GuestMemory,
     ram: &[(u64, u64)],
     image: &[u8],
     devices: &[StartInfoDevice],
+    args: &str,
     one_gib_pages: bool,
 ) -> Result<BootedGuest, BootError> {
+    if !args.is_empty() && !super::config::valid_args(args) {
+        return Err(BootError::BadArgs);
+    }
     // The boot area must be RAM before anything else is done.
     let boot_ram = ram.iter().any(|&(b, l)| b == 0 && l >= IMAGE_BASE_MIN);
     if !boot_ram {
@@ -902,6 +932,7 @@ pub fn boot_x86(
         console_address: u64::from(CONSOLE_PORT),
         memory_map: memory_map(ram, &loaded),
         devices: devices.to_vec(),
+        args: String::from(args),
     };
     let bytes = info.encode();
     if bytes.len() as u64 > START_INFO_MAX {
@@ -952,9 +983,11 @@ mod tests {
                 class_code: 0x00ff00,
                 iommu_group: 7,
             }],
+            args: String::new(),
         };
         let b = info.encode();
         assert_eq!(b.len(), 0x60 + 24 + 16);
+        assert_eq!(u64_at(&b, 0x58), 0, "no arguments: offset and length 0");
         assert_eq!(&b[..8], b"SLUICEBI");
         assert_eq!(u32_at(&b, 0x0c) as usize, b.len());
         assert_eq!(u64_at(&b, 0x48), 0x60);
@@ -964,5 +997,16 @@ mod tests {
         assert_eq!(u32_at(&b, 0x78), 0x0008);
         assert_eq!(u16_at(&b, 0x7c), 0x1234);
         assert_eq!(u32_at(&b, 0x84), 7);
+
+        let with_args = StartInfo {
+            args: String::from("dma"),
+            ..info
+        };
+        let b = with_args.encode();
+        assert_eq!(b.len(), 0x60 + 24 + 16 + 3 + 1);
+        assert_eq!(u32_at(&b, 0x0c) as usize, b.len());
+        assert_eq!((u32_at(&b, 0x58), u32_at(&b, 0x5c)), (0x88, 3));
+        assert_eq!(&b[0x88..], b"dma\0");
+        assert_eq!(u32_at(&b, 0x78), 0x0008, "arrays unchanged");
     }
 }

@@ -6,7 +6,7 @@
 //! Each VM is one command-line word (words are separated by white space):
 //!
 //! ```text
-//! vm=NAME:mem=SIZE:image=IMAGE[:dev=ADDR[+ADDR...]][:cpus=N]
+//! vm=NAME:mem=SIZE:image=IMAGE[:dev=ADDR[+ADDR...]][:cpus=N][:args=ARGS]
 //!
 //! NAME  = 1-32 of [A-Za-z0-9_-]
 //! SIZE  = decimal digits with an optional binary suffix K, M, G or T
@@ -15,6 +15,8 @@
 //! ADDR  = SSSS:BB:DD.F (hex segment, bus, device, function; the segment
 //!         may be left out: BB:DD.F means segment 0000)
 //! N     = number of vCPUs, 1 or more (default 1)
+//! ARGS  = 1-64 of [A-Za-z0-9_.,-]: a word handed to the guest in its
+//!         start info (e.g. which test scenario to run)
 //! ```
 //!
 //! Fields are separated by `:`, which also appears inside PCI addresses:
@@ -55,6 +57,8 @@ pub const MEMORY_GRANULE: u64 = 2 << 20;
 pub const MAX_NAME_LEN: usize = 32;
 /// Longest image name.
 pub const MAX_IMAGE_LEN: usize = 64;
+/// Longest guest argument word.
+pub const MAX_ARGS_LEN: usize = 64;
 /// Device numbers a guest bus offers after device 0 (kept free, where a
 /// host bridge would sit).
 pub const MAX_GUEST_DEVICES: usize = 31;
@@ -69,6 +73,9 @@ pub struct VmConfig {
     /// Host functions to pass through, in command-line order.
     pub devices: Vec<PciAddress>,
     pub cpus: u32,
+    /// The `args=` word for the guest (empty when not given); see
+    /// [`valid_args`].
+    pub args: String,
 }
 
 /// A problem in a VM description. The `vm` fields name the VM (its text
@@ -115,6 +122,10 @@ pub enum ConfigError {
         text: String,
     },
     BadCpus {
+        vm: String,
+        text: String,
+    },
+    BadArgs {
         vm: String,
         text: String,
     },
@@ -173,7 +184,7 @@ impl fmt::Display for ConfigError {
             Self::DuplicateName(n) => write!(f, "two VMs are named `{n}`"),
             Self::UnknownKey { vm, key } => write!(
                 f,
-                "VM `{vm}`: unknown field `{key}` (known: mem, image, dev, cpus)"
+                "VM `{vm}`: unknown field `{key}` (known: mem, image, dev, cpus, args)"
             ),
             Self::DuplicateKey { vm, key } => write!(f, "VM `{vm}`: `{key}=` given twice"),
             Self::MissingKey { vm, key } => write!(f, "VM `{vm}`: `{key}=` is missing"),
@@ -199,6 +210,10 @@ impl fmt::Display for ConfigError {
             Self::BadDevice { vm, text } => {
                 write!(f, "VM `{vm}`: `{text}` is not a PCI address SSSS:BB:DD.F")
             }
+            Self::BadArgs { vm, text } => write!(
+                f,
+                "VM `{vm}`: guest arguments `{text}` must be 1-{MAX_ARGS_LEN} letters, digits, `_`, `.`, `,` or `-`"
+            ),
             Self::BadCpus { vm, text } => {
                 write!(f, "VM `{vm}`: vCPU count `{text}` is not a number >= 1")
             }
@@ -263,6 +278,13 @@ fn valid_name(s: &str, max: usize, extra: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || extra.contains(&b))
 }
 
+/// Whether `text` is acceptable as `args=`: 1 to [`MAX_ARGS_LEN`] bytes of
+/// `A-Z a-z 0-9 _ - . ,` (no `:` or `=`, which separate fields, and nothing
+/// a guest could mistake for a control character).
+pub fn valid_args(text: &str) -> bool {
+    valid_name(text, MAX_ARGS_LEN, b".,")
+}
+
 /// Parses a size like `64M`, `1G`, `4096`.
 pub fn parse_size(text: &str) -> Option<u64> {
     let (digits, shift) = match text.as_bytes().last()? {
@@ -315,6 +337,7 @@ impl VmConfig {
         let mut image: Option<String> = None;
         let mut devices: Option<Vec<PciAddress>> = None;
         let mut cpus: Option<u32> = None;
+        let mut args: Option<String> = None;
         while let Some(piece) = pieces.next() {
             let Some((key, value)) = piece.split_once('=') else {
                 errors.push(ConfigError::UnknownKey {
@@ -328,6 +351,7 @@ impl VmConfig {
                 "image" => image.is_some(),
                 "dev" => devices.is_some(),
                 "cpus" => cpus.is_some(),
+                "args" => args.is_some(),
                 _ => false,
             };
             let key_name: &'static str = match key {
@@ -335,6 +359,7 @@ impl VmConfig {
                 "image" => "image",
                 "dev" => "dev",
                 "cpus" => "cpus",
+                "args" => "args",
                 other => {
                     errors.push(ConfigError::UnknownKey {
                         vm: vm.clone(),
@@ -369,6 +394,16 @@ impl VmConfig {
                         image = Some(value.to_string());
                     } else {
                         errors.push(ConfigError::BadImage {
+                            vm: vm.clone(),
+                            text: value.to_string(),
+                        });
+                    }
+                }
+                "args" => {
+                    if valid_args(value) {
+                        args = Some(value.to_string());
+                    } else {
+                        errors.push(ConfigError::BadArgs {
                             vm: vm.clone(),
                             text: value.to_string(),
                         });
@@ -439,6 +474,7 @@ impl VmConfig {
             image: image.unwrap_or_default(),
             devices: devices.unwrap_or_default(),
             cpus: cpus.unwrap_or(1),
+            args: args.unwrap_or_default(),
         })
     }
 }
@@ -461,6 +497,22 @@ pub fn parse_command_line(text: &str) -> Result<Vec<VmConfig>, Vec<ConfigError>>
     } else {
         Err(errors)
     }
+}
+
+/// The image names the `vm=` words of `text` refer to, each once, in
+/// command-line order: the files the UEFI entry must read from the ESP
+/// before leaving boot services. Words that do not parse are skipped (they
+/// are reported when the VMs are validated, and such a VM never boots).
+pub fn image_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        if let Some(Ok(vm)) = word.strip_prefix("vm=").map(VmConfig::parse)
+            && !names.contains(&vm.image)
+        {
+            names.push(vm.image);
+        }
+    }
+    names
 }
 
 /// A PCI function of the platform, as validation needs it.
@@ -721,6 +773,7 @@ mod tests {
                 image: "guest0".into(),
                 devices: vec![addr(0, 3, 0), addr(0, 4, 0)],
                 cpus: 1,
+                args: String::new(),
             }
         );
         // Fields in any order, dev in the middle, short addresses, cpus.
@@ -733,6 +786,62 @@ mod tests {
             (vm.cpus, vm.memory, vm.image.as_str()),
             (2, 1 << 30, "g.elf")
         );
+    }
+
+    #[test]
+    fn guest_arguments() {
+        let vm = VmConfig::parse("g:mem=16M:image=test-guest:args=dma").unwrap();
+        assert_eq!(vm.args, "dma");
+        // Any position, also right after a device list.
+        let vm = VmConfig::parse("g:image=t:dev=00:03.0:args=a.b,C-d_9:mem=2M").unwrap();
+        assert_eq!((vm.args.as_str(), vm.devices.len()), ("a.b,C-d_9", 1));
+        assert_eq!(VmConfig::parse("g:mem=2M:image=t").unwrap().args, "");
+        let longest = "x".repeat(MAX_ARGS_LEN);
+        assert_eq!(
+            VmConfig::parse(&format!("g:mem=2M:image=t:args={longest}"))
+                .unwrap()
+                .args,
+            longest
+        );
+        for bad in ["", "a b", "a=b", "a/b", "ä", "a;b", "a\u{7}"] {
+            assert_eq!(
+                errors(&format!("g:mem=2M:image=t:args={bad}")),
+                [format!(
+                    "VM `g`: guest arguments `{bad}` must be 1-64 letters, digits, `_`, `.`, `,` or `-`"
+                )],
+                "{bad:?}"
+            );
+        }
+        let too_long = "x".repeat(MAX_ARGS_LEN + 1);
+        assert_eq!(
+            VmConfig::parse(&format!("g:mem=2M:image=t:args={too_long}")).unwrap_err(),
+            [ConfigError::BadArgs {
+                vm: "g".into(),
+                text: too_long
+            }]
+        );
+        // A `:` ends the word: what follows is another (here unknown) field.
+        assert_eq!(
+            errors("g:mem=2M:image=t:args=a:b"),
+            ["VM `g`: unknown field `b` (known: mem, image, dev, cpus, args)"]
+        );
+        assert_eq!(
+            errors("g:mem=2M:image=t:args=a:args=b"),
+            ["VM `g`: `args=` given twice"]
+        );
+    }
+
+    #[test]
+    fn image_names_to_load() {
+        assert_eq!(
+            image_names(
+                "loglevel=debug vm=a:mem=16M:image=test-guest:args=dma \
+                 vm=b:mem=16M:image=other.elf vm=c:mem=16M:image=test-guest:args=attacker \
+                 vm=bad:mem=3M:image=skipped image=not-a-vm"
+            ),
+            ["test-guest", "other.elf"]
+        );
+        assert!(image_names("test=boot").is_empty());
     }
 
     #[test]
@@ -793,7 +902,7 @@ mod tests {
         assert_eq!(errors("net0:mem=2M"), ["VM `net0`: `image=` is missing"]);
         assert_eq!(
             errors("net0:mem=2M:image=g:colour=blue"),
-            ["VM `net0`: unknown field `colour` (known: mem, image, dev, cpus)"]
+            ["VM `net0`: unknown field `colour` (known: mem, image, dev, cpus, args)"]
         );
         assert_eq!(
             errors("net0:mem=2M:mem=4M:image=g"),
@@ -888,6 +997,7 @@ mod tests {
             image: "g".into(),
             devices: devices.to_vec(),
             cpus: 1,
+            args: String::new(),
         }
     }
 
