@@ -13,5 +13,6 @@
 pub mod boot;
 pub mod config;
 pub mod exits;
+pub mod instance;
 pub mod memory;
 pub mod nested;
