@@ -47,8 +47,8 @@ pub mod walker;
 pub use error::VtdError;
 pub use fault::{AccessKind, FaultClass, FaultReason, FaultRecord};
 pub use unit::{
-    AtsConfig, AttributedFault, DomainConfig, DomainId, DomainInfo, DomainKind, FaultDrain,
-    ModeRequest, TranslationMode, VtdConfig, VtdUnit,
+    AtsConfig, AttributedFault, DomainConfig, DomainId, DomainInfo, DomainKind, DomainShape,
+    FaultDrain, ModeRequest, TranslationMode, VtdConfig, VtdUnit,
 };
 
 #[cfg(test)]

@@ -22,8 +22,8 @@ use super::structs::{
 };
 use crate::pagetable::vtd::{FirstLevelAttrs, VtdFirstLevel, VtdSecondLevel, VtdSlAttrs};
 use crate::pagetable::{
-    ChangeKind, Invalidation, IoPageTable, IovaRange, MapPerms, PageTableError, PendingFree,
-    TableConfig, Translation,
+    ChangeKind, Invalidation, IoPageTable, IovaRange, MapPerms, PageSize, PageTableError,
+    PendingFree, TableConfig, Translation,
 };
 
 /// Which translation-table mode to run the unit in.
@@ -137,6 +137,39 @@ pub struct DomainInfo {
     /// Table pages the domain uses now, for memory accounting.
     pub table_pages: usize,
     pub levels: u8,
+}
+
+/// What a domain made with a given [`DomainConfig`] would look like
+/// ([`VtdUnit::domain_shape`]): the sizes [`VtdUnit::alloc_domain`] picks,
+/// known before anything is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainShape {
+    pub kind: DomainKind,
+    pub levels: u8,
+    /// IOVAs at or above `1 << iova_bits` cannot be mapped.
+    pub iova_bits: u32,
+    /// The largest leaf the domain's table may use.
+    pub max_page: PageSize,
+}
+
+impl DomainShape {
+    /// Bitmap of the page sizes the domain may use (bit n: 2^n bytes), as
+    /// [`DomainInfo::page_sizes`] reports it.
+    pub fn page_sizes(&self) -> u64 {
+        [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G]
+            .into_iter()
+            .filter(|&s| s <= self.max_page)
+            .fold(0, |acc, s| acc | s.bytes())
+    }
+
+    /// `1 << iova_bits`, saturated.
+    pub fn iova_limit(&self) -> u64 {
+        if self.iova_bits >= 64 {
+            u64::MAX
+        } else {
+            1 << self.iova_bits
+        }
+    }
 }
 
 /// ATS parameters of a device with its device TLB enabled.
@@ -529,6 +562,24 @@ impl<'a> VtdUnit<'a> {
         }
     }
 
+    /// Pages the unit's own structures use: the root table, the
+    /// invalidation queue and its status page, context tables, PASID
+    /// directories and PASID tables. With [`VtdUnit::domain_info`]'s
+    /// `table_pages` of every domain and [`VtdUnit::quarantined_pages`]
+    /// this accounts for every page the unit holds.
+    pub fn structure_pages(&self) -> usize {
+        let queue = match self.invalidator {
+            Invalidator::Queue(_) => 2,
+            Invalidator::Registers => 0,
+        };
+        let pasid: usize = self
+            .devices
+            .values()
+            .map(|d| usize::from(d.pasid_dir.is_some()) + d.pasid_tables.len())
+            .sum();
+        1 + queue + self.context_tables.len() + pasid
+    }
+
     /// Pages held back because their invalidation failed.
     pub fn quarantined_pages(&self) -> usize {
         self.quarantine.iter().map(|p| p.pages().len()).sum()
@@ -575,21 +626,15 @@ impl<'a> VtdUnit<'a> {
 
     // ---- domains ------------------------------------------------------------
 
-    /// Allocates an empty domain with the lowest free domain ID (DID 0 is
-    /// reserved in caching mode, spec 6.2.2, where it tags cached
-    /// not-present entries).
-    pub fn alloc_domain(&mut self, config: DomainConfig) -> Result<DomainId, VtdError> {
+    /// The shape of a domain made with `config` (levels, IOVA width, page
+    /// sizes), or why the unit cannot make it, without allocating anything.
+    /// [`VtdUnit::alloc_domain`] makes exactly this shape.
+    pub fn domain_shape(&self, config: DomainConfig) -> Result<DomainShape, VtdError> {
         if config.enforce_snoop && !self.caps.snoop_control {
             return Err(VtdError::SnoopControlUnsupported);
         }
-        let first = if self.caps.caching_mode { 1 } else { 0 };
-        let did = (first..self.caps.domain_count)
-            .map(|d| d as u16)
-            .find(|d| !self.domains.contains_key(d))
-            .ok_or(VtdError::DomainIdsExhausted)?;
         let requested = config.address_width.unwrap_or(48);
-        let haw = self.config.host_address_width;
-        let (table, levels, iova_bits) = match config.kind {
+        match config.kind {
             DomainKind::SecondLevel => {
                 if self.mode == TranslationMode::Scalable && !self.caps.second_level_translation {
                     return Err(VtdError::Unsupported(
@@ -601,10 +646,12 @@ impl<'a> VtdUnit<'a> {
                     .caps
                     .sl_levels_for(width)
                     .ok_or(VtdError::AddressWidthUnsupported { requested })?;
-                let format = VtdSecondLevel::new(levels, width, haw)?;
-                let cfg = TableConfig::new(self.caps.max_sl_page(), self.tables_coherent);
-                let table = IoPageTable::new(self.mem, format, cfg)?;
-                (DomainTable::Second(table), levels, width)
+                Ok(DomainShape {
+                    kind: config.kind,
+                    levels,
+                    iova_bits: width,
+                    max_page: self.caps.max_sl_page(),
+                })
             }
             DomainKind::FirstLevel => {
                 if self.mode != TranslationMode::Scalable || !self.caps.first_level_translation {
@@ -617,13 +664,39 @@ impl<'a> VtdUnit<'a> {
                 } else {
                     4
                 };
-                let format = VtdFirstLevel::new(levels, haw)?;
-                let cfg = TableConfig::new(self.caps.max_fl_page(), self.tables_coherent);
-                let table = IoPageTable::new(self.mem, format, cfg)?;
                 // Only the canonical lower half: the engine's first-level
                 // input width counts the upper half too.
                 let width = (12 + 9 * u32::from(levels) - 1).min(requested.max(12));
-                (DomainTable::First(table), levels, width)
+                Ok(DomainShape {
+                    kind: config.kind,
+                    levels,
+                    iova_bits: width,
+                    max_page: self.caps.max_fl_page(),
+                })
+            }
+        }
+    }
+
+    /// Allocates an empty domain with the lowest free domain ID (DID 0 is
+    /// reserved in caching mode, spec 6.2.2, where it tags cached
+    /// not-present entries).
+    pub fn alloc_domain(&mut self, config: DomainConfig) -> Result<DomainId, VtdError> {
+        let shape = self.domain_shape(config)?;
+        let first = if self.caps.caching_mode { 1 } else { 0 };
+        let did = (first..self.caps.domain_count)
+            .map(|d| d as u16)
+            .find(|d| !self.domains.contains_key(d))
+            .ok_or(VtdError::DomainIdsExhausted)?;
+        let haw = self.config.host_address_width;
+        let cfg = TableConfig::new(shape.max_page, self.tables_coherent);
+        let table = match shape.kind {
+            DomainKind::SecondLevel => {
+                let format = VtdSecondLevel::new(shape.levels, shape.iova_bits, haw)?;
+                DomainTable::Second(IoPageTable::new(self.mem, format, cfg)?)
+            }
+            DomainKind::FirstLevel => {
+                let format = VtdFirstLevel::new(shape.levels, haw)?;
+                DomainTable::First(IoPageTable::new(self.mem, format, cfg)?)
             }
         };
         self.domains.insert(
@@ -632,12 +705,8 @@ impl<'a> VtdUnit<'a> {
                 table,
                 kind: config.kind,
                 snoop: config.enforce_snoop,
-                levels,
-                iova_limit: if iova_bits >= 64 {
-                    u64::MAX
-                } else {
-                    1 << iova_bits
-                },
+                levels: shape.levels,
+                iova_limit: shape.iova_limit(),
                 rids: BTreeSet::new(),
                 pasids: BTreeSet::new(),
                 faults: VecDeque::new(),

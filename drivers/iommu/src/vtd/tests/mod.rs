@@ -1,5 +1,6 @@
 //! Host tests of the VT-d driver against the register model.
 
+mod accounting;
 mod attach;
 mod bringup;
 mod faults;
