@@ -21,6 +21,9 @@ pub struct CommandLine {
     /// `iommu=<word>[,<word>...]`: options for the IOMMU drivers, kept as
     /// words here and interpreted by the drivers that own them.
     pub iommu: Vec<String>,
+    /// `vm=<description>` words, kept whole (`vm=` included) in command-line
+    /// order; the hypervisor's VM configuration parses and validates them.
+    pub vms: Vec<String>,
     /// Words that were not understood, each with the reason, for the log.
     pub problems: Vec<CommandLineProblem>,
 }
@@ -48,6 +51,7 @@ impl Default for CommandLine {
             test: None,
             log_level: LevelFilter::Info,
             iommu: Vec::new(),
+            vms: Vec::new(),
             problems: Vec::new(),
         }
     }
@@ -86,6 +90,7 @@ impl CommandLine {
             "iommu" => self
                 .iommu
                 .extend(value.split(',').filter(|w| !w.is_empty()).map(String::from)),
+            "vm" => self.vms.push(word.to_string()),
             _ => self.problems.push(problem("unknown option")),
         }
     }
@@ -143,6 +148,17 @@ mod tests {
         assert_eq!(line.test.as_deref(), Some("boot"));
         assert_eq!(line.log_level, LevelFilter::Debug);
         assert_eq!(line.iommu, ["strict", "qi=off"]);
+        assert!(line.problems.is_empty());
+    }
+
+    #[test]
+    fn vm_words_are_kept_whole_in_order() {
+        let line =
+            CommandLine::parse("vm=a:mem=16M:image=g test=x vm=b:mem=32M:image=g:dev=00:03.0");
+        assert_eq!(
+            line.vms,
+            ["vm=a:mem=16M:image=g", "vm=b:mem=32M:image=g:dev=00:03.0"]
+        );
         assert!(line.problems.is_empty());
     }
 
