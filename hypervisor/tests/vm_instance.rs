@@ -88,6 +88,7 @@ type Mappings = Rc<RefCell<Vec<(u64, u64, u64, MappingKind)>>>;
 struct RecordingTable {
     maps: Mappings,
     fail_at: Option<u64>,
+    released: Rc<RefCell<bool>>,
 }
 
 impl NestedPageTable for RecordingTable {
@@ -106,6 +107,9 @@ impl NestedPageTable for RecordingTable {
     }
     fn root_address(&self) -> PhysAddr {
         PhysAddr::new(0x7000_0000)
+    }
+    fn release(self: Box<Self>) {
+        *self.released.borrow_mut() = true;
     }
 }
 
@@ -365,10 +369,12 @@ fn a_failed_build_releases_every_frame() {
         fail_at: Some(0xc000_0000),
         ..Default::default()
     };
+    let released = table.released.clone();
     // The BAR is placed at the window base; its mapping fails.
     let err = build(&w, frames, table).err().unwrap();
     assert!(matches!(err, BuildError::Nested(_)), "{err:?}");
     assert_eq!(frames.live_frames(), 0);
+    assert!(*released.borrow(), "the nested table was released");
 
     // A VM that was built gives every frame back when destroyed.
     let frames = self::frames();

@@ -134,7 +134,7 @@ impl<S: FrameSource, C: ConfigSpace> VmInstance<'_, S, C> {
     /// ([`Iommufd::destroy_vm`]), so that no IOMMU domain maps the RAM.
     pub fn destroy(self) {
         let Self { ram, nested, .. } = self;
-        drop(nested);
+        nested.release();
         ram.release();
     }
 }
@@ -180,8 +180,9 @@ pub fn build_x86<'m, S: FrameSource, C: ConfigSpace>(
             console_lines: Vec::new(),
         }),
         Err(e) => {
-            // Nothing runs on the RAM yet and no IOMMU maps it: the frames
-            // can go back (scrubbed) at once.
+            // Nothing runs on the RAM yet and no IOMMU maps it: the table
+            // and the frames can go back (scrubbed) at once.
+            nested.release();
             ram.release();
             Err(e)
         }

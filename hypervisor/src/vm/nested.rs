@@ -31,6 +31,9 @@ pub trait NestedPageTable {
     ) -> Result<(), PageTableError>;
     /// The root for `set_nested_root` (N_CR3 / EPTP).
     fn root_address(&self) -> PhysAddr;
+    /// Frees every table page. Only once no vCPU can use the table any
+    /// more (the VM is stopped); its ASID / VPID is flushed when reused.
+    fn release(self: alloc::boxed::Box<Self>);
 }
 
 impl<M: DmaMemory + ?Sized> NestedPageTable for IoPageTable<'_, AmdNpt, M> {
@@ -59,6 +62,10 @@ impl<M: DmaMemory + ?Sized> NestedPageTable for IoPageTable<'_, AmdNpt, M> {
     }
     fn root_address(&self) -> PhysAddr {
         self.root()
+    }
+    fn release(self: alloc::boxed::Box<Self>) {
+        let mem = self.memory();
+        self.destroy().release(mem);
     }
 }
 
@@ -93,6 +100,10 @@ impl<M: DmaMemory + ?Sized> NestedPageTable for IoPageTable<'_, IntelEpt, M> {
     }
     fn root_address(&self) -> PhysAddr {
         self.root()
+    }
+    fn release(self: alloc::boxed::Box<Self>) {
+        let mem = self.memory();
+        self.destroy().release(mem);
     }
 }
 

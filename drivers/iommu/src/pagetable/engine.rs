@@ -124,6 +124,12 @@ impl<'m, F: PageTableFormat, M: DmaMemory + ?Sized> IoPageTable<'m, F, M> {
         &self.format
     }
 
+    /// The memory the tables live in (to release what [`Self::destroy`]
+    /// returns).
+    pub fn memory(&self) -> &'m M {
+        self.mem
+    }
+
     /// Table pages currently linked (root included); unlinked pages waiting in
     /// an [`Invalidation`] are not counted.
     pub fn table_pages(&self) -> usize {
