@@ -8,4 +8,5 @@ extern crate alloc;
 pub mod acpi;
 pub mod association;
 pub mod pagetable;
+pub mod smmuv3;
 pub mod vtd;
