@@ -1,0 +1,49 @@
+//! Guest-physical addresses and IOVAs the scenarios use. `dma` and
+//! `attacker` share them: the attacker aims at the victim's addresses.
+//!
+//! Every GPA must be free RAM in the start-info memory map (the scenarios
+//! check), so VMs need at least [`MIN_RAM`]. Every IOVA is below 256 MiB:
+//! edu masks its DMA addresses to 28 bits.
+
+/// Bytes of RAM a VM needs for these addresses.
+pub const MIN_RAM: u64 = 8 << 20;
+pub const PAGE: u64 = 0x1000;
+
+/// Two pages: the DMA source (`+0`) and target (`+PAGE`) buffers.
+pub const BUFFER_GPA: u64 = 0x0040_0000;
+pub const BUFFER_PAGES: u64 = 2;
+/// A page of guest RAM whose GPA equals [`UNMAPPED_IOVA`]: DMA to that IOVA
+/// must not land here (or anywhere).
+pub const CANARY_GPA: u64 = 0x0050_0000;
+/// The victim buffer `dma` leaves mapped at [`VICTIM_IOVA`].
+pub const VICTIM_GPA: u64 = 0x0060_0000;
+
+/// Where `dma` maps the buffer in its first IOAS.
+pub const IOVA_A: u64 = 0x0100_0000;
+/// Where `dma` maps the buffer in its second IOAS (after `DEVICE_REPLACE`).
+pub const IOVA_B: u64 = 0x0200_0000;
+/// Never mapped by anyone.
+pub const UNMAPPED_IOVA: u64 = CANARY_GPA;
+/// Where `dma` leaves [`VICTIM_GPA`] mapped.
+pub const VICTIM_IOVA: u64 = 0x0700_0000;
+/// Where `attacker` maps its own buffer.
+pub const ATTACKER_IOVA: u64 = 0x0900_0000;
+
+/// The largest IOVA edu can reach (28-bit DMA mask).
+pub const EDU_DMA_LIMIT: u64 = 1 << 28;
+
+/// Bytes per edu transfer (QEMU 7.2's edu aborts on transfers that reach
+/// the last byte of its 4 KiB buffer).
+pub const TRANSFER: usize = 1024;
+
+/// The pattern the victim buffer holds: byte `i` is `victim_byte(i)`.
+pub const fn victim_byte(i: usize) -> u8 {
+    (i as u8).wrapping_mul(7) ^ 0x5a
+}
+
+const _: () = {
+    assert!(VICTIM_IOVA < EDU_DMA_LIMIT && ATTACKER_IOVA < EDU_DMA_LIMIT);
+    assert!(IOVA_A < EDU_DMA_LIMIT && IOVA_B + BUFFER_PAGES * PAGE <= EDU_DMA_LIMIT);
+    assert!(VICTIM_GPA + PAGE <= MIN_RAM);
+    assert!(TRANSFER as u64 <= PAGE);
+};
