@@ -8,6 +8,8 @@
 
 #[cfg(target_os = "uefi")]
 mod edu;
+#[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
+mod iommu_owner;
 #[cfg(target_os = "uefi")]
 mod pci;
 #[cfg(target_os = "uefi")]

@@ -18,7 +18,7 @@ type Outcome = Result<(), String>;
 struct Scenario {
     name: &'static str,
     what: &'static str,
-    run: fn(&Platform) -> Outcome,
+    run: fn(&'static Platform) -> Outcome,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -64,6 +64,12 @@ const SCENARIOS: &[Scenario] = &[
         what: "edu DMA through VT-d: blocked by default, translated when attached, faults when unmapped, unmapped-after-use or detached",
         run: crate::vtd_dma::run,
     },
+    #[cfg(target_arch = "x86_64")]
+    Scenario {
+        name: "vtd-ownership",
+        what: "every DRHD taken over at once: capabilities logged, every edu's DMA blocked with its own source ID",
+        run: crate::iommu_owner::scenario,
+    },
     Scenario {
         name: "acpi-dump",
         what: "print the IOMMU-related ACPI tables as hex, for host-test fixtures",
@@ -72,8 +78,11 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 pub fn run(platform: Platform) -> ! {
+    // Sluice never gives the platform back: IOMMU units and guests borrow
+    // its frame allocator for good.
+    let platform: &'static Platform = alloc::boxed::Box::leak(alloc::boxed::Box::new(platform));
     let Some(requested) = platform.command_line.test.clone() else {
-        demo(&platform);
+        demo(platform);
         fatal::exit(ExitCode::Success);
     };
     let Some(scenario) = SCENARIOS.iter().find(|s| s.name == requested) else {
@@ -86,7 +95,7 @@ pub fn run(platform: Platform) -> ! {
     };
     fatal::set_current_test(Some(scenario.name));
     info!("scenario {}: {}", scenario.name, scenario.what);
-    match (scenario.run)(&platform) {
+    match (scenario.run)(platform) {
         Ok(()) => {
             println!("SLUICE-TEST {} PASS", scenario.name);
             fatal::exit(ExitCode::Success)
@@ -384,9 +393,11 @@ fn fault(_platform: &Platform) -> Outcome {
     sluice_kernel::arch::trigger_fault()
 }
 
-fn demo(platform: &Platform) {
+fn demo(platform: &'static Platform) {
     println!("Sluice demo: platform bring-up");
     let tables = list_acpi_tables(platform);
+    #[cfg(target_arch = "x86_64")]
+    let _iommus = demo_iommus(platform);
     println!(
         "  {} ACPI tables, {} MiB of RAM free for guests and IOMMU structures, clock at {} MHz",
         tables,
@@ -395,4 +406,31 @@ fn demo(platform: &Platform) {
     );
     println!("  Guests with passed-through devices are not implemented yet; nothing more to show.");
     println!("Sluice demo done.");
+}
+
+/// The normal boot path's IOMMU step: every VT-d unit taken over, every
+/// device blocked until assigned. `None` (logged) when there is nothing to
+/// own or PCI could not be read.
+#[cfg(target_arch = "x86_64")]
+fn demo_iommus(platform: &'static Platform) -> Option<crate::iommu_owner::OwnedIommus> {
+    let acpi = platform.acpi.as_ref()?;
+    let owned = crate::pci::discover(acpi)
+        .and_then(|pci| crate::pci::associate(acpi, &pci))
+        .and_then(|map| crate::iommu_owner::take_ownership(platform, &map));
+    match owned {
+        Ok(owned) => {
+            println!(
+                "  {} VT-d unit(s) owned, {} devices blocked ({} with RMRRs), {} not isolated",
+                owned.units.len(),
+                owned.device_unit.len(),
+                owned.rmrr_devices.len(),
+                owned.uncovered.len()
+            );
+            Some(owned)
+        }
+        Err(why) => {
+            log::error!("iommu: {why}");
+            None
+        }
+    }
 }

@@ -177,6 +177,16 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: &["-device", "edu"],
         ..Scenario::DEFAULT
     },
+    // Boot-time ownership of every DRHD: capabilities logged, and every
+    // edu (on the root complex, behind a root port, behind a PCIe-to-PCI
+    // bridge) blocked, faulting with its own source ID or its alias.
+    Scenario {
+        name: "vtd-ownership",
+        arches: &[Arch::X86_64],
+        cmdline: "test=vtd-ownership",
+        qemu_args: TOPOLOGY,
+        ..Scenario::DEFAULT
+    },
 ];
 
 /// The topology scenario's devices: edu on the root complex, behind a PCIe

@@ -17,6 +17,8 @@
 //! * [`walker`]: an independent translation walker (root → context →
 //!   PASID → page table) written separately from the code that builds the
 //!   tables;
+//! * [`ownership`]: every DRHD of the DMAR brought up at once, RMRRs
+//!   identity-mapped, failed units' devices marked uncovered;
 //! * [`model`]: a register model of a unit, with context/PASID/IOTLB/
 //!   paging-structure caches, for host tests here and in other crates.
 //!
@@ -41,6 +43,7 @@ pub mod error;
 pub mod fault;
 mod invalidation;
 pub mod model;
+pub mod ownership;
 pub mod unit;
 pub mod walker;
 

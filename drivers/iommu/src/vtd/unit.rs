@@ -284,7 +284,8 @@ pub struct VtdUnit<'a> {
     invalidator: Invalidator,
     domains: BTreeMap<u16, Domain<'a>>,
     devices: BTreeMap<u16, Device>,
-    rmrr_domain: Option<u16>,
+    /// RMRR domains and the regions (`[start, end)`) each maps.
+    rmrr_domains: BTreeMap<u16, Vec<(u64, u64)>>,
     /// Table pages whose invalidation failed: kept (never reused) until a
     /// global invalidation succeeds.
     quarantine: Vec<PendingFree>,
@@ -350,7 +351,7 @@ impl<'a> VtdUnit<'a> {
             invalidator: Invalidator::Registers,
             domains: BTreeMap::new(),
             devices: BTreeMap::new(),
-            rmrr_domain: None,
+            rmrr_domains: BTreeMap::new(),
             quarantine: Vec::new(),
         };
         unit.take_over()?;
@@ -749,9 +750,7 @@ impl<'a> VtdUnit<'a> {
             .domains
             .remove(&domain.0)
             .ok_or(VtdError::NoSuchDomain(domain.0))?;
-        if self.rmrr_domain == Some(domain.0) {
-            self.rmrr_domain = None;
-        }
+        self.rmrr_domains.remove(&domain.0);
         // Every detach invalidated this DID already: no walker can reach
         // these tables any more.
         let pending = match d.table {
@@ -1446,29 +1445,79 @@ impl<'a> VtdUnit<'a> {
     // ---- RMRR ---------------------------------------------------------------
 
     /// Maps a firmware-reserved region (DMAR RMRR, `base ..= limit`)
-    /// one-to-one for `devices` in a dedicated domain, attaches them to it
-    /// and flags them as RMRR devices. Several regions share the domain.
-    pub fn map_rmrr(
-        &mut self,
-        base: u64,
-        limit: u64,
-        devices: &[Bdf],
-    ) -> Result<DomainId, VtdError> {
+    /// one-to-one for `devices`, attaches them to an RMRR domain and flags
+    /// them as RMRR devices.
+    ///
+    /// Each RMRR domain holds exactly the regions of the devices attached
+    /// to it, so a device reaches only the regions that name it: devices
+    /// already sharing an RMRR domain with others not in `devices` move to
+    /// a new domain holding their old regions plus this one.
+    pub fn map_rmrr(&mut self, base: u64, limit: u64, devices: &[Bdf]) -> Result<(), VtdError> {
         let end = limit.checked_add(1).ok_or(VtdError::InvalidRange)?;
         if end <= base || !base.is_multiple_of(PAGE_SIZE) || !end.is_multiple_of(PAGE_SIZE) {
             return Err(VtdError::InvalidRange);
         }
-        let did = match self.rmrr_domain {
-            Some(d) => d,
-            None => {
-                let d = self.alloc_domain(DomainConfig::second_level())?.0;
-                self.rmrr_domain = Some(d);
-                d
+        // Group the devices by the RMRR domain they are in now.
+        let mut groups: BTreeMap<Option<u16>, Vec<Bdf>> = BTreeMap::new();
+        for &dev in devices {
+            let current = self
+                .devices
+                .get(&dev.requester_id())
+                .and_then(|d| d.rid_domain)
+                .filter(|d| self.rmrr_domains.contains_key(d));
+            let group = groups.entry(current).or_default();
+            if !group.contains(&dev) {
+                group.push(dev);
             }
-        };
+        }
+        for (current, group) in groups {
+            let whole_domain = current.and_then(|did| {
+                let users = &self.domains.get(&did)?.rids;
+                let named: BTreeSet<u16> = group.iter().map(|b| b.requester_id()).collect();
+                (*users == named).then_some(did)
+            });
+            let did = match whole_domain {
+                // Every user of the domain is named: the region joins it.
+                Some(did) => did,
+                None => {
+                    let did = self.alloc_domain(DomainConfig::second_level())?.0;
+                    let inherited = current
+                        .and_then(|d| self.rmrr_domains.get(&d).cloned())
+                        .unwrap_or_default();
+                    self.rmrr_domains.insert(did, Vec::new());
+                    let mapped = inherited
+                        .iter()
+                        .chain(core::iter::once(&(base, end)))
+                        .try_for_each(|&(b, e)| self.identity_map(did, b, e));
+                    if let Err(e) = mapped {
+                        // Nothing is attached to it yet: free it with its
+                        // tables.
+                        let _ = self.free_domain(DomainId(did));
+                        return Err(e);
+                    }
+                    did
+                }
+            };
+            if whole_domain.is_some() {
+                self.identity_map(did, base, end)?;
+            }
+            for dev in group {
+                self.attach_device(dev, DomainId(did))?;
+                self.devices.entry(dev.requester_id()).or_default().rmrr = true;
+            }
+            log::info!(
+                "vtd{}: RMRR {base:#x}..={limit:#x} identity-mapped in domain {did}",
+                self.config.index
+            );
+        }
+        Ok(())
+    }
+
+    /// Identity-maps `[base, end)` in RMRR domain `did`; pages an
+    /// overlapping region mapped already must be identity-mapped, the runs
+    /// between them get mapped.
+    fn identity_map(&mut self, did: u16, base: u64, end: u64) -> Result<(), VtdError> {
         let domain = DomainId(did);
-        // Regions of several RMRR entries may overlap: pages already mapped
-        // must be identity-mapped, the runs between them get mapped.
         let mut page = base;
         while page < end {
             if let Some((phys, _)) = self.translate(domain, page)? {
@@ -1493,16 +1542,10 @@ impl<'a> VtdUnit<'a> {
             )?;
             page = run_end;
         }
-        for &dev in devices {
-            self.attach_device(dev, domain)?;
-            self.devices.entry(dev.requester_id()).or_default().rmrr = true;
+        if let Some(regions) = self.rmrr_domains.get_mut(&did) {
+            regions.push((base, end));
         }
-        log::info!(
-            "vtd{}: RMRR {base:#x}..={limit:#x} identity-mapped for {} device(s) in domain {did}",
-            self.config.index,
-            devices.len()
-        );
-        Ok(domain)
+        Ok(())
     }
 
     // ---- faults ---------------------------------------------------------------

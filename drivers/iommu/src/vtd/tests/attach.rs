@@ -377,14 +377,17 @@ fn rmrr_regions_are_identity_mapped_for_their_devices() {
     let model = model(&mem, CapBuilder::qemu_default());
     let clock = clock();
     let mut unit = init(&model, &mem, &clock, ModeRequest::Legacy);
-    let dom = unit
-        .map_rmrr(0x7d00_0000, 0x7d0f_ffff, &[DEV_A, DEV_B])
+    unit.map_rmrr(0x7d00_0000, 0x7d0f_ffff, &[DEV_A, DEV_B])
         .expect("rmrr");
-    // A second region overlapping the first shares the domain.
-    let again = unit
-        .map_rmrr(0x7d0f_0000, 0x7d1f_ffff, &[DEV_A])
+    let shared = unit.device_domain(DEV_A).expect("attached");
+    assert_eq!(unit.device_domain(DEV_B), Some(shared));
+    // A second region, overlapping the first, for DEV_A only: DEV_A moves
+    // to a domain with both regions, DEV_B keeps only the first.
+    unit.map_rmrr(0x7d0f_0000, 0x7d1f_ffff, &[DEV_A])
         .expect("overlap");
-    assert_eq!(again, dom);
+    let own = unit.device_domain(DEV_A).expect("attached");
+    assert_ne!(own, shared);
+    assert_eq!(unit.device_domain(DEV_B), Some(shared));
     for dev in [DEV_A, DEV_B] {
         assert!(unit.is_rmrr_device(dev));
         assert_eq!(
@@ -396,7 +399,18 @@ fn rmrr_regions_are_identity_mapped_for_their_devices() {
         model.dma(read(DEV_A, 0x7d1f_f000)).map(|o| o.phys),
         Ok(phys(0x7d1f_f000))
     );
+    assert!(model.dma(read(DEV_B, 0x7d1f_f000)).is_err());
     assert!(model.dma(read(DEV_B, 0x7d20_0000)).is_err());
+    assert!(model.dma(read(DEV_A, 0x7d20_0000)).is_err());
+    // A third region naming exactly the users of DEV_A's domain joins it.
+    unit.map_rmrr(0x7e00_0000, 0x7e00_0fff, &[DEV_A])
+        .expect("third");
+    assert_eq!(unit.device_domain(DEV_A), Some(own));
+    assert_eq!(
+        model.dma(read(DEV_A, 0x7e00_0000)).map(|o| o.phys),
+        Ok(phys(0x7e00_0000))
+    );
+    assert!(model.dma(read(DEV_B, 0x7e00_0000)).is_err());
     assert!(!unit.is_rmrr_device(BRIDGE_ALIAS));
     assert_eq!(
         unit.map_rmrr(0x1000, 0x1fff - 1, &[DEV_A]),
