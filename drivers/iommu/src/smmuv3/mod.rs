@@ -16,9 +16,17 @@ pub mod caps;
 pub mod commands;
 pub mod error;
 pub mod events;
+pub mod model;
+mod queue;
 pub mod regs;
 pub mod structs;
+pub mod unit;
+pub mod walker;
 
 pub use caps::{IdrBuilder, SmmuCapabilities};
 pub use error::{CommandErrorKind, SmmuError, Stage};
 pub use events::{Access, EventKind, EventRecord, FaultClass, SmmuFault};
+pub use unit::{
+    AttributedFault, EventDrain, SmmuConfig, SmmuDomainConfig, SmmuDomainId, SmmuDomainInfo,
+    SmmuUnit, StageRequest, StreamTableLayout, StreamTableRequest,
+};
