@@ -24,6 +24,7 @@ pub mod backend;
 pub mod dispatch;
 pub mod guest_memory;
 pub mod ioas;
+pub mod vtd_backend;
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
@@ -36,6 +37,7 @@ pub use backend::{
 };
 pub use guest_memory::{GuestMemory, GuestMemoryError, HostChunk};
 use ioas::{Area, Ioas, ReserveOwner, Span};
+pub use vtd_backend::{FunctionReset, RegisterError, ResetError, VtdBackend, VtdDevice};
 
 /// The x86 MSI address window (Intel SDM vol. 3, "Message Address Register
 /// Format"): DMA writes there are interrupt requests, never memory.

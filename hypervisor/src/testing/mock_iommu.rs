@@ -115,6 +115,11 @@ impl MockIommu {
         self.domains.get(&domain).map(|d| d.config)
     }
 
+    /// Page-table pages the domain holds (root and leaf tables).
+    pub fn table_pages(&self, domain: DomainId) -> Option<u64> {
+        self.domains.get(&domain).map(|d| 1 + d.leaves.len() as u64)
+    }
+
     /// Slots of the domain mapped with large pages.
     pub fn large_page_count(&self, domain: DomainId) -> usize {
         self.domains.get(&domain).map_or(0, |d| d.large.len())

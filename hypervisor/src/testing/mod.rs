@@ -36,21 +36,25 @@
 //! ```
 
 mod mock_iommu;
+mod vtd_iommu;
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
+use core::any::Any;
 
 use sluice_abi::{self as abi, AbiStruct, cmd};
 use sluice_hal::PhysAddr;
 use sluice_hal::model::ModelMemory;
 
 pub use mock_iommu::MockIommu;
+pub use vtd_iommu::{FlakyMmio, VtdFlavour, VtdModelIommu};
 
-/// An IOMMU backend the test platform can drive: the [`MockIommu`], or a
-/// real driver over its register model (the VT-d driver will implement this
-/// for its model, so every test here can run against it too).
-pub trait TestIommu: IommuBackend {
+/// An IOMMU backend the test platform can drive: the [`MockIommu`], or
+/// Sluice's VT-d backend over register models ([`VtdModelIommu`]), so every
+/// test here can run against the real driver too.
+pub trait TestIommu: IommuBackend + 'static {
     /// Makes `device` known with these capabilities, in the blocking state.
     fn add_device(&mut self, device: DeviceId, caps: IommuCaps, flr: bool);
     /// Issues a DMA of `device` (with `pasid`) at `iova`: the host address
@@ -63,6 +67,25 @@ pub trait TestIommu: IommuBackend {
         iova: u64,
         write: bool,
     ) -> Result<PhysAddr, FaultReason>;
+    /// Live domains.
+    fn domain_count(&self) -> usize;
+    /// Where the RID (or a PASID) of `device` points.
+    fn attachment(&self, device: DeviceId, pasid: Option<u32>) -> AttachTarget;
+    /// Function-level resets done on `device`.
+    fn resets(&self, device: DeviceId) -> u32;
+    /// Makes the attach to a domain after `successes` more successful ones
+    /// fail once, as hardware that times out on an invalidation would.
+    fn fail_attach_after(&mut self, successes: Option<u32>);
+    /// How a live domain was made.
+    fn domain_config(&self, domain: DomainId) -> Option<DomainConfig>;
+    /// Page-table pages a live domain holds, as the backend itself counts
+    /// them (what the VM's page budget must equal).
+    fn domain_table_pages(&self, domain: DomainId) -> Option<u64>;
+    /// Host pages the IOMMU holds besides domain page tables (VT-d root,
+    /// context and PASID tables, invalidation queue); 0 for the mock.
+    fn infrastructure_pages(&self) -> usize;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 impl TestIommu for MockIommu {
@@ -78,11 +101,144 @@ impl TestIommu for MockIommu {
     ) -> Result<PhysAddr, FaultReason> {
         MockIommu::dma(self, device, pasid, iova, write)
     }
+    fn domain_count(&self) -> usize {
+        MockIommu::domain_count(self)
+    }
+    fn attachment(&self, device: DeviceId, pasid: Option<u32>) -> AttachTarget {
+        MockIommu::attachment(self, device, pasid)
+    }
+    fn resets(&self, device: DeviceId) -> u32 {
+        MockIommu::resets(self, device)
+    }
+    fn fail_attach_after(&mut self, successes: Option<u32>) {
+        MockIommu::fail_attach_after(self, successes);
+    }
+    fn domain_config(&self, domain: DomainId) -> Option<DomainConfig> {
+        MockIommu::domain_config(self, domain)
+    }
+    fn domain_table_pages(&self, domain: DomainId) -> Option<u64> {
+        self.table_pages(domain)
+    }
+    fn infrastructure_pages(&self) -> usize {
+        0
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Which backend a platform built with [`PlatformBuilder::build_any`]
+/// runs, so one test function can run against each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Mock,
+    Vtd(VtdFlavour),
+}
+
+impl BackendKind {
+    pub fn is_vtd(&self) -> bool {
+        matches!(self, BackendKind::Vtd(_))
+    }
+}
+
+/// A platform whose backend is chosen at run time.
+pub type AnyPlatform = Platform<Box<dyn TestIommu>>;
+
+impl IommuBackend for Box<dyn TestIommu> {
+    fn caps(&self, device: DeviceId) -> Result<IommuCaps, BackendError> {
+        (**self).caps(device)
+    }
+    fn domain_alloc(
+        &mut self,
+        device: DeviceId,
+        config: DomainConfig,
+        budget: &mut PageBudget,
+    ) -> Result<DomainId, BackendError> {
+        (**self).domain_alloc(device, config, budget)
+    }
+    fn domain_free(&mut self, domain: DomainId, budget: &mut PageBudget) {
+        (**self).domain_free(domain, budget)
+    }
+    fn map(
+        &mut self,
+        domain: DomainId,
+        iova: u64,
+        phys: PhysAddr,
+        length: u64,
+        prot: Prot,
+        large_pages: bool,
+        budget: &mut PageBudget,
+    ) -> Result<(), BackendError> {
+        (**self).map(domain, iova, phys, length, prot, large_pages, budget)
+    }
+    fn unmap(&mut self, domain: DomainId, iova: u64, length: u64, budget: &mut PageBudget) {
+        (**self).unmap(domain, iova, length, budget)
+    }
+    fn attach(
+        &mut self,
+        device: DeviceId,
+        pasid: Option<u32>,
+        target: AttachTarget,
+    ) -> Result<(), BackendError> {
+        (**self).attach(device, pasid, target)
+    }
+    fn reset_device(&mut self, device: DeviceId) -> Result<(), BackendError> {
+        (**self).reset_device(device)
+    }
+    fn drain_faults(&mut self, sink: &mut dyn FnMut(DmaFault)) {
+        (**self).drain_faults(sink)
+    }
+}
+
+impl TestIommu for Box<dyn TestIommu> {
+    fn add_device(&mut self, device: DeviceId, caps: IommuCaps, flr: bool) {
+        (**self).add_device(device, caps, flr)
+    }
+    fn dma(
+        &mut self,
+        device: DeviceId,
+        pasid: Option<u32>,
+        iova: u64,
+        write: bool,
+    ) -> Result<PhysAddr, FaultReason> {
+        (**self).dma(device, pasid, iova, write)
+    }
+    fn domain_count(&self) -> usize {
+        (**self).domain_count()
+    }
+    fn attachment(&self, device: DeviceId, pasid: Option<u32>) -> AttachTarget {
+        (**self).attachment(device, pasid)
+    }
+    fn resets(&self, device: DeviceId) -> u32 {
+        (**self).resets(device)
+    }
+    fn fail_attach_after(&mut self, successes: Option<u32>) {
+        (**self).fail_attach_after(successes)
+    }
+    fn domain_config(&self, domain: DomainId) -> Option<DomainConfig> {
+        (**self).domain_config(domain)
+    }
+    fn domain_table_pages(&self, domain: DomainId) -> Option<u64> {
+        (**self).domain_table_pages(domain)
+    }
+    fn infrastructure_pages(&self) -> usize {
+        (**self).infrastructure_pages()
+    }
+    fn as_any(&self) -> &dyn Any {
+        (**self).as_any()
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        (**self).as_any_mut()
+    }
 }
 
 use crate::iommufd::{
-    AssignedDevice, DeviceId, FaultReason, GuestMemory, GuestMemoryError, IommuBackend, IommuCaps,
-    Iommufd, VmConfig, VmId, X86_MSI_WINDOW,
+    AssignedDevice, AttachTarget, BackendError, DeviceId, DmaFault, DomainConfig, DomainId,
+    FaultReason, GuestMemory, GuestMemoryError, IommuBackend, IommuCaps, Iommufd, PageBudget, Prot,
+    VmConfig, VmId, X86_MSI_WINDOW,
 };
 
 /// Bytes at the top of a VM's first RAM range the harness uses for
@@ -311,6 +467,23 @@ impl PlatformBuilder {
         self.build_with(MockIommu::new)
     }
 
+    /// Builds the platform over Sluice's VT-d backend and driver, on
+    /// register models of VT-d units ([`VtdModelIommu`]).
+    pub fn build_vtd(self, flavour: VtdFlavour) -> Platform<VtdModelIommu> {
+        self.build_with(|mem| VtdModelIommu::new(mem, flavour))
+    }
+
+    /// Builds the platform over the backend `kind` names.
+    pub fn build_any(self, kind: BackendKind) -> AnyPlatform {
+        match kind {
+            BackendKind::Mock => {
+                self.build_with(|mem| Box::new(MockIommu::new(mem)) as Box<dyn TestIommu>)
+            }
+            BackendKind::Vtd(flavour) => self
+                .build_with(|mem| Box::new(VtdModelIommu::new(mem, flavour)) as Box<dyn TestIommu>),
+        }
+    }
+
     /// Builds the platform over another IOMMU backend, made from the shared
     /// host memory (page tables are allocated from it).
     pub fn build_with<B: TestIommu>(self, make: impl FnOnce(Rc<ModelMemory>) -> B) -> Platform<B> {
@@ -418,6 +591,29 @@ impl Platform {
 impl<B: TestIommu> Platform<B> {
     pub fn memory(&self, vm: VmId) -> &TestGuestMemory {
         &self.vms[&vm]
+    }
+
+    /// Host pages held by IOMMU domain page tables: every live page of the
+    /// shared memory except the IOMMU's own structures (none for the mock).
+    /// Zero once every domain is freed, whatever the backend.
+    pub fn live_table_pages(&self) -> usize {
+        self.host.live_pages() - self.iommufd.backend().infrastructure_pages()
+    }
+
+    /// The VM's page-table pages as the backend counts them, over every
+    /// HWPT of the VM: what [`Iommufd::page_table_pages`] must equal.
+    pub fn backend_table_pages(&self, vm: VmId) -> u64 {
+        self.iommufd
+            .snapshot(vm)
+            .hwpts
+            .iter()
+            .map(|h| {
+                self.iommufd
+                    .backend()
+                    .domain_table_pages(h.domain)
+                    .expect("every HWPT has a live domain")
+            })
+            .sum()
     }
 
     /// The platform's ID of the device the guest of `vm` sees at `guest_bdf`.
