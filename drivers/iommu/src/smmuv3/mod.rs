@@ -23,6 +23,9 @@ pub mod structs;
 pub mod unit;
 pub mod walker;
 
+#[cfg(test)]
+mod tests;
+
 pub use caps::{IdrBuilder, SmmuCapabilities};
 pub use error::{CommandErrorKind, SmmuError, Stage};
 pub use events::{Access, EventKind, EventRecord, FaultClass, SmmuFault};
