@@ -221,6 +221,13 @@ impl StartInfo {
             .any(|r| r.kind == region::RAM && r.base <= base && end <= r.end())
     }
 
+    /// The first page boundary at or after [`StartInfo::ram_end`].
+    pub fn page_past_ram(&self) -> u64 {
+        self.ram_end()
+            .checked_next_multiple_of(0x1000)
+            .unwrap_or(u64::MAX - 0xfff)
+    }
+
     /// The first byte after the highest RAM of the VM.
     pub fn ram_end(&self) -> u64 {
         self.regions()

@@ -158,7 +158,10 @@ pub fn run(info: &StartInfo, report: &mut Report) {
 /// first page past its RAM, and the PCI BAR window): `EFAULT`.
 fn map_outside_ram(info: &StartInfo, ioas: Option<u32>) -> Outcome {
     let ioas = need(ioas, "IOAS_ALLOC")?;
-    let past_ram = info.ram_end().next_multiple_of(PAGE);
+    let past_ram = info.page_past_ram();
+    if past_ram < crate::layout::MIN_RAM {
+        return fail!("the memory map shows only {past_ram:#x} bytes of RAM");
+    }
     for (what, gpa) in [
         ("past the end of RAM", past_ram),
         ("in the BAR window", crate::pci::BAR_WINDOW.0),

@@ -96,7 +96,7 @@ pub fn run(info: &StartInfo, report: &mut Report) {
 /// The argument struct outside the VM's RAM: past its end, and at an
 /// address whose `size` read would wrap.
 fn arg_unmapped(info: &StartInfo) -> Outcome {
-    let past = info.ram_end().next_multiple_of(PAGE);
+    let past = info.page_past_ram();
     expect_errno(
         "IOAS_ALLOC past the end of RAM",
         arch::hypercall(cmd::IOAS_ALLOC, past),
@@ -118,7 +118,7 @@ fn arg_unmapped(info: &StartInfo) -> Outcome {
 /// the end.
 fn arg_crosses_ram_end(info: &StartInfo) -> Outcome {
     let end = info.ram_end();
-    if !info.is_free_ram(end - PAGE, PAGE) {
+    if end < PAGE || !info.is_free_ram(end - PAGE, PAGE) {
         return fail!("the last page of RAM ({:#x}) is not free RAM", end - PAGE);
     }
     let at = end - 8;
@@ -285,7 +285,7 @@ fn array_outside_ram(info: &StartInfo, ioas: u32) -> Outcome {
     let mut r: abi::IoasIovaRanges = hc::new();
     r.ioas_id = ioas;
     r.num_iovas = 4;
-    r.allowed_iovas = info.ram_end().next_multiple_of(PAGE);
+    r.allowed_iovas = info.page_past_ram();
     expect_errno(
         "IOAS_IOVA_RANGES writing its array past RAM",
         hc::call(cmd::IOAS_IOVA_RANGES, &mut r),
