@@ -6,13 +6,15 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use sluice_kernel::acpi_tables::Acpi;
-use sluice_kernel::boot_info::{BootInfo, MemoryRegion, RegionKind};
+use sluice_kernel::boot_info::{
+    self, BootInfo, GuestImage, GuestImageError, MemoryRegion, RegionKind,
+};
 use sluice_kernel::cmdline::{CommandLine, decode_load_options};
 use sluice_kernel::{fatal, println};
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::mem::memory_map::MemoryMap;
 use uefi::proto::loaded_image::LoadedImage;
-use uefi::proto::media::file::{File, FileAttribute, FileMode};
+use uefi::proto::media::file::{Directory, File, FileAttribute, FileMode, RegularFile};
 use uefi::table::cfg::ConfigTableEntry;
 use uefi::{CStr16, Status, cstr16};
 
@@ -53,6 +55,91 @@ fn command_line_file() -> Option<String> {
     let length = file.read(&mut buffer).ok()?;
     let text = core::str::from_utf8(&buffer[..length]).ok()?;
     Some(String::from(text.trim()))
+}
+
+/// Reads `\EFI\sluice\<name>` from `root` into loader-data pages, which
+/// stay Sluice's after boot services end.
+fn read_guest_image(root: &mut Directory, name: &str) -> Result<GuestImage, GuestImageError> {
+    // `\EFI\sluice\` and at most 64 characters of name (the VM config
+    // grammar), NUL-terminated.
+    let mut path_buffer = [0u16; 96];
+    let path = CStr16::from_str_with_buf(&boot_info::guest_image_path(name), &mut path_buffer)
+        .map_err(|_| GuestImageError::Missing)?;
+    let handle = root
+        .open(path, FileMode::Read, FileAttribute::empty())
+        .map_err(|e| match e.status() {
+            Status::NOT_FOUND => GuestImageError::Missing,
+            _ => GuestImageError::ReadFailed,
+        })?;
+    let mut file = handle.into_regular_file().ok_or(GuestImageError::Missing)?;
+    // The size, without allocating a FileInfo: seek to the end.
+    file.set_position(RegularFile::END_OF_FILE)
+        .and_then(|()| file.get_position())
+        .map_err(|_| GuestImageError::ReadFailed)
+        .and_then(boot_info::check_guest_image_size)
+        .and_then(|size| {
+            file.set_position(0)
+                .map_err(|_| GuestImageError::ReadFailed)?;
+            let pages = size.div_ceil(4096);
+            let memory =
+                boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, pages)
+                    .map_err(|_| GuestImageError::OutOfMemory)?;
+            // SAFETY: firmware just gave us these pages (loader data, never
+            // freed: they stay Sluice's after ExitBootServices); `size` bytes
+            // of them are initialised by the reads below before anyone
+            // reads them, and on failure nothing keeps the slice.
+            let bytes: &'static mut [u8] =
+                unsafe { core::slice::from_raw_parts_mut(memory.as_ptr(), size) };
+            let mut filled = 0;
+            while filled < size {
+                match file.read(&mut bytes[filled..]) {
+                    Ok(0) | Err(_) => {
+                        // SAFETY: the pages allocated above, not used elsewhere.
+                        let _ = unsafe { boot::free_pages(memory, pages) };
+                        return Err(GuestImageError::ReadFailed);
+                    }
+                    Ok(n) => filled += n,
+                }
+            }
+            Ok(GuestImage {
+                name: String::from(name),
+                bytes,
+            })
+        })
+}
+
+/// Reads every guest image the command line's `vm=` words name from the
+/// volume Sluice was loaded from. Problems are logged with the file's path;
+/// the VMs concerned cannot start, everything else carries on.
+fn read_guest_images(command_line: &str) -> Vec<GuestImage> {
+    let names = sluice_hypervisor::vm::config::image_names(command_line);
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let volume = boot::get_image_file_system(boot::image_handle())
+        .ok()
+        .and_then(|mut fs| fs.open_volume().ok());
+    let Some(mut root) = volume else {
+        println!("guest images: cannot open the volume Sluice was loaded from; no VM can start");
+        return Vec::new();
+    };
+    let mut images = Vec::new();
+    for name in names {
+        let path = boot_info::guest_image_path(&name);
+        match read_guest_image(&mut root, &name) {
+            Ok(image) => {
+                println!(
+                    "guest image {path}: {} KiB read",
+                    image.bytes.len().div_ceil(1024)
+                );
+                images.push(image);
+            }
+            Err(why) => {
+                println!("guest image {path}: {why}; the VMs using image={name} cannot start")
+            }
+        }
+    }
+    images
 }
 
 fn region_kind(ty: MemoryType) -> RegionKind {
@@ -114,6 +201,7 @@ fn efi_main() -> Status {
         },
     };
     println!("command line ({source}): {command_line}");
+    let guest_images = read_guest_images(&command_line);
 
     // SAFETY: nothing of boot services is used past this point: no UEFI
     // protocol handles are held and our allocator is our own heap.
@@ -133,6 +221,7 @@ fn efi_main() -> Status {
         command_line: command_line.clone(),
         command_line_source: source,
         heap: (heap_start, HEAP_BYTES),
+        guest_images,
     };
     let parsed = CommandLine::parse(&command_line);
     let platform = sluice_kernel::platform::init(boot_info, parsed, acpi);

@@ -6,7 +6,7 @@ use log::{error, info, warn};
 use spin::Mutex;
 
 use crate::acpi_tables::Acpi;
-use crate::boot_info::{BootInfo, MemoryRegion, summarize};
+use crate::boot_info::{BootInfo, GuestImage, MemoryRegion, summarize};
 use crate::cmdline::CommandLine;
 use crate::memory::frame::FrameAllocator;
 
@@ -18,6 +18,9 @@ pub struct Platform {
     pub frames: Mutex<FrameAllocator>,
     /// Bytes of physical address space the hypervisor's identity map covers.
     pub identity_mapped_bytes: u64,
+    /// The guest images read from the ESP (see [`BootInfo::guest_images`]);
+    /// look one up with [`crate::boot_info::find_guest_image`].
+    pub guest_images: Vec<GuestImage>,
 }
 
 /// Chooses the console: SPCR's UART when firmware describes one, else the
@@ -220,5 +223,6 @@ pub fn init(boot: BootInfo, command_line: CommandLine, acpi: Option<Acpi>) -> Pl
         acpi,
         frames: Mutex::new(frames),
         identity_mapped_bytes,
+        guest_images: boot.guest_images,
     }
 }

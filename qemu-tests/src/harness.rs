@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::arch::Arch;
+use crate::guests::GuestImageFile;
 use crate::judge::{self, Outcome, RawExit};
 use crate::qemu::{BootLock, BootRequest, Firmware};
 use crate::scenarios::{Expected, Scenario};
@@ -182,6 +183,8 @@ pub struct ArchSetup {
     pub firmware: Firmware,
     /// The built `sluice-boot.efi`.
     pub boot_efi: PathBuf,
+    /// Guest images every boot of this architecture gets on its ESP.
+    pub guest_images: Vec<GuestImageFile>,
 }
 
 /// The scenario runner.
@@ -272,7 +275,9 @@ impl Harness {
             Ok(lock) => lock,
             Err(err) => return failed(format!("cannot lock the ESP of {id}: {err}")),
         };
-        let config = match BootRequest::for_scenario(arch, scenario).prepare(
+        let mut request = BootRequest::for_scenario(arch, scenario);
+        request.guest_images = setup.guest_images.clone();
+        let config = match request.prepare(
             &self.target_dir,
             &setup.boot_efi,
             &setup.firmware,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::arch::Arch;
+use crate::guests::GuestImageFile;
 
 /// QEMU's `virt` board maps each of its two flash banks as 64 MiB; images
 /// must be exactly that size.
@@ -294,7 +295,8 @@ impl BootLock {
 }
 
 /// Lays out the ESP for one run (from scratch) and copies the firmware's
-/// variable store. `run_name` is the scenario name or `demo`.
+/// variable store. `run_name` is the scenario name or `demo`; each guest
+/// image goes to `EFI/sluice/<name>`, where Sluice reads `image=<name>`.
 pub fn prepare_boot_disk(
     arch: Arch,
     target_dir: &Path,
@@ -302,6 +304,7 @@ pub fn prepare_boot_disk(
     boot_efi: &Path,
     cmdline: &str,
     firmware: &Firmware,
+    guest_images: &[GuestImageFile],
 ) -> io::Result<BootDisk> {
     let id = format!("{}-{run_name}", arch.name());
     let esp_dir = target_dir.join("esp").join(&id);
@@ -320,6 +323,18 @@ pub fn prepare_boot_disk(
     })?;
     let mut file = fs::File::create(sluice_dir.join("cmdline.txt"))?;
     file.write_all(cmdline.as_bytes())?;
+    for image in guest_images {
+        fs::copy(&image.path, sluice_dir.join(&image.name)).map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!(
+                    "cannot copy guest image {} ({}): {err}",
+                    image.name,
+                    image.path.display()
+                ),
+            )
+        })?;
+    }
     fs::write(esp_dir.join("startup.nsh"), STARTUP_NSH)?;
 
     let vars_dir = target_dir.join("qemu-vars");
@@ -392,6 +407,8 @@ pub struct BootRequest {
     pub intel_iommu: String,
     pub devices: Vec<String>,
     pub extra: Vec<String>,
+    /// Guest images for `EFI/sluice/` (the built test guest on x86_64).
+    pub guest_images: Vec<GuestImageFile>,
 }
 
 impl BootRequest {
@@ -406,6 +423,7 @@ impl BootRequest {
             intel_iommu: scenario.intel_iommu.to_owned(),
             devices: scenario.qemu_args.iter().map(|s| (*s).to_owned()).collect(),
             extra: Vec::new(),
+            guest_images: Vec::new(),
         }
     }
 
@@ -421,6 +439,7 @@ impl BootRequest {
             intel_iommu: String::new(),
             devices: DEMO_DEVICES.iter().map(|s| (*s).to_owned()).collect(),
             extra: Vec::new(),
+            guest_images: Vec::new(),
         }
     }
 
@@ -444,6 +463,7 @@ impl BootRequest {
             boot_efi,
             &cmdline,
             firmware,
+            &self.guest_images,
         )
         .map_err(|err| format!("cannot lay out the ESP for {}: {err}", self.run_name))?;
         Ok(QemuConfig {
@@ -579,8 +599,16 @@ mod tests {
         fs::write(&firmware.vars_template, vec![0x55; 4096]).unwrap();
         let target = dir.join("target");
 
-        let disk = prepare_boot_disk(Arch::Aarch64, &target, "boot", &efi, "test=boot", &firmware)
-            .unwrap();
+        let disk = prepare_boot_disk(
+            Arch::Aarch64,
+            &target,
+            "boot",
+            &efi,
+            "test=boot",
+            &firmware,
+            &[],
+        )
+        .unwrap();
         assert_eq!(disk.esp_dir, target.join("esp/aarch64-boot"));
         assert_eq!(
             fs::read(disk.esp_dir.join("EFI/BOOT/BOOTAA64.EFI")).unwrap(),
@@ -601,12 +629,42 @@ mod tests {
 
         // A second layout starts from scratch and x86 keeps the code image as is.
         fs::write(disk.esp_dir.join("stale"), b"x").unwrap();
-        let disk = prepare_boot_disk(Arch::X86_64, &target, "demo", &efi, "", &firmware).unwrap();
+        let guest = dir.join("built-guest");
+        fs::write(&guest, b"\x7fELF guest").unwrap();
+        let images = [GuestImageFile {
+            name: "test-guest".into(),
+            path: guest,
+        }];
+        let disk =
+            prepare_boot_disk(Arch::X86_64, &target, "demo", &efi, "", &firmware, &images).unwrap();
         assert!(disk.esp_dir.join("EFI/BOOT/BOOTX64.EFI").is_file());
+        assert_eq!(
+            fs::read(disk.esp_dir.join("EFI/sluice/test-guest")).unwrap(),
+            b"\x7fELF guest"
+        );
+        // A missing image is an error naming it.
+        let missing = [GuestImageFile {
+            name: "gone".into(),
+            path: dir.join("no-such-file"),
+        }];
+        let err = prepare_boot_disk(Arch::X86_64, &target, "demo", &efi, "", &firmware, &missing)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("cannot copy guest image gone"),
+            "{err}"
+        );
         assert_eq!(disk.firmware_code, firmware.code);
         assert_eq!(fs::metadata(&disk.firmware_vars).unwrap().len(), 4096);
-        let again = prepare_boot_disk(Arch::Aarch64, &target, "boot", &efi, "test=boot", &firmware)
-            .unwrap();
+        let again = prepare_boot_disk(
+            Arch::Aarch64,
+            &target,
+            "boot",
+            &efi,
+            "test=boot",
+            &firmware,
+            &[],
+        )
+        .unwrap();
         assert!(!again.esp_dir.join("stale").exists());
         fs::remove_dir_all(&dir).unwrap();
     }

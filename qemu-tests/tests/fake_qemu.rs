@@ -42,6 +42,7 @@ fn harness(dir: &Path, arch: Arch, script: &str) -> Harness {
             qemu,
             firmware,
             boot_efi,
+            guest_images: Vec::new(),
         }),
     );
     Harness {

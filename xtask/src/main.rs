@@ -10,6 +10,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 
 use clap::{Args, Parser, Subcommand};
+use sluice_qemu_tests::guests::{self, GuestImageFile};
 use sluice_qemu_tests::harness::{self, ArchSetup, Harness};
 use sluice_qemu_tests::judge::{self, RawExit};
 use sluice_qemu_tests::qemu::{self, BootLock, BootRequest, QemuConfig};
@@ -216,6 +217,7 @@ fn prepare_boot(args: &BootArgs) -> Result<(QemuConfig, BootLock), XtaskError> {
     let (program, firmware) = prereq::for_boot(arch)?;
     let target_dir = cargo::target_dir()?;
     let efi = cargo::build_boot(arch, args.release, &target_dir)?;
+    request.guest_images = build_guests(arch, &target_dir)?;
     let lock = BootLock::acquire(&target_dir, arch, &request.run_name).map_err(|err| {
         XtaskError::new(format!(
             "cannot lock the ESP of {arch}-{}: {err}",
@@ -294,6 +296,12 @@ fn test(
             eprintln!("xtask: {}", err.message);
             host_failed = true;
         }
+        // The test guest is a workspace of its own: its unit tests run apart.
+        let (command, what) = guests::test_guest_unit_tests(&cargo::target_dir()?);
+        if let Err(err) = cargo::run(command, &what) {
+            eprintln!("xtask: {}", err.message);
+            host_failed = true;
+        }
     }
     if !qemu {
         return Ok(u8::from(host_failed));
@@ -303,10 +311,13 @@ fn test(
     let mut setups = BTreeMap::new();
     for (arch, (qemu_program, firmware)) in found {
         let setup = cargo::build_boot(arch, false, &target_dir)
-            .map(|boot_efi| ArchSetup {
-                qemu: qemu_program,
-                firmware,
-                boot_efi,
+            .and_then(|boot_efi| {
+                Ok(ArchSetup {
+                    qemu: qemu_program,
+                    firmware,
+                    boot_efi,
+                    guest_images: build_guests(arch, &target_dir)?,
+                })
             })
             .map_err(|err| err.message);
         setups.insert(arch, setup);
@@ -333,6 +344,25 @@ fn test(
         .run(&selected, &mut stdout)
         .map_err(|err| XtaskError::new(format!("cannot write the report: {err}")))?;
     Ok(u8::from(host_failed || summary.failed > 0))
+}
+
+/// Builds the guest images `arch`'s boots carry on their ESP: the test
+/// guest, where it runs (x86_64).
+fn build_guests(arch: Arch, target_dir: &Path) -> Result<Vec<GuestImageFile>, XtaskError> {
+    let Some(build) = guests::test_guest_build(arch, target_dir) else {
+        return Ok(Vec::new());
+    };
+    if let Some(target) = guests::test_guest_target(arch) {
+        prereq::rust_target_named(target)?;
+    }
+    cargo::run(build.command, &build.description).map_err(|err| XtaskError::new(err.message))?;
+    if !build.image.path.is_file() {
+        return Err(XtaskError::new(format!(
+            "the test guest built, but {} is missing",
+            build.image.path.display()
+        )));
+    }
+    Ok(vec![build.image])
 }
 
 fn bench() -> Result<u8, XtaskError> {

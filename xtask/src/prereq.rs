@@ -10,7 +10,11 @@ use crate::XtaskError;
 
 /// Makes sure the rustc target for `arch` is installed, adding it with rustup when not.
 pub fn rust_target(arch: Arch) -> Result<(), XtaskError> {
-    let target = arch.uefi_target();
+    rust_target_named(arch.uefi_target())
+}
+
+/// Makes sure the rustc target `target` is installed, adding it with rustup when not.
+pub fn rust_target_named(target: &str) -> Result<(), XtaskError> {
     let Some(rustup) = qemu::find_program("rustup") else {
         // Without rustup we cannot tell; cargo will say so if it is missing.
         return Ok(());
