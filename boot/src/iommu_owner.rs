@@ -20,6 +20,8 @@ use alloc::format;
 use alloc::string::String;
 
 use log::info;
+use sluice_iommu::acpi::dmar::DmarFlags;
+use sluice_iommu::vtd::IrConfig;
 use sluice_iommu::vtd::ownership::{self, OwnershipConfig, UnitHardware};
 use sluice_kernel::clock::KernelClock;
 use sluice_kernel::hw::{FrameDmaMemory, PhysMmio};
@@ -31,6 +33,17 @@ use crate::pci::IommuMap;
 pub type OwnedIommus = ownership::OwnedIommus<'static>;
 
 static CLOCK: KernelClock = KernelClock;
+
+/// IA32_APIC_BASE (SDM vol. 3A 10.4.4): bit 10 (EXTD) is set in x2APIC
+/// mode.
+const IA32_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+
+/// The local APIC mode Sluice runs in, which decides the remapping
+/// table's destination format.
+fn host_x2apic() -> bool {
+    sluice_kernel::arch::svm::read_msr(IA32_APIC_BASE) & APIC_BASE_X2APIC != 0
+}
 
 /// Brings up one unit per DRHD of the DMAR behind `map`: every device
 /// blocked, RMRRs identity-mapped for the devices they name. A DRHD that
@@ -45,26 +58,27 @@ pub fn take_ownership(platform: &'static Platform, map: &IommuMap) -> Result<Own
         "iommu: taking over {} VT-d unit(s); every device is blocked until assigned",
         dmar.drhds.len()
     );
-    let owned = ownership::take_ownership(
-        dmar,
-        &map.per_segment,
-        &OwnershipConfig::new(),
-        |_, drhd| {
-            // SAFETY: the DRHD names this register block, and Sluice owns
-            // the unit from now on (nothing else drives it after boot
-            // services are gone).
-            let mmio: &'static PhysMmio = Box::leak(Box::new(unsafe {
-                PhysMmio::new(drhd.register_base, drhd.register_size())
-            }));
-            let mem: &'static FrameDmaMemory<'static> =
-                Box::leak(Box::new(FrameDmaMemory::new(&platform.frames)));
-            Ok(UnitHardware {
-                mmio,
-                mem,
-                clock: &CLOCK,
-            })
-        },
-    );
+    let config = OwnershipConfig {
+        interrupt_remapping: Some(IrConfig {
+            x2apic: host_x2apic(),
+        }),
+        ..OwnershipConfig::new()
+    };
+    let owned = ownership::take_ownership(dmar, &map.per_segment, &config, |_, drhd| {
+        // SAFETY: the DRHD names this register block, and Sluice owns
+        // the unit from now on (nothing else drives it after boot
+        // services are gone).
+        let mmio: &'static PhysMmio = Box::leak(Box::new(unsafe {
+            PhysMmio::new(drhd.register_base, drhd.register_size())
+        }));
+        let mem: &'static FrameDmaMemory<'static> =
+            Box::leak(Box::new(FrameDmaMemory::new(&platform.frames)));
+        Ok(UnitHardware {
+            mmio,
+            mem,
+            clock: &CLOCK,
+        })
+    });
     if owned.units.is_empty() && !dmar.drhds.is_empty() {
         return Err(format!(
             "none of the {} VT-d units came up: no device is isolated",
@@ -75,9 +89,10 @@ pub fn take_ownership(platform: &'static Platform, map: &IommuMap) -> Result<Own
 }
 
 /// The `vtd-ownership` scenario: after ownership every unit is up with its
-/// capabilities logged, and every edu's DMA is blocked — it faults with
-/// the edu's own source ID (its alias behind a PCIe-to-PCI bridge) and
-/// writes nothing.
+/// capabilities logged and interrupt remapping on exactly where the unit
+/// (ECAP.IR) and the DMAR (INTR_REMAP) offer it, and every edu's DMA is
+/// blocked — it faults with the edu's own source ID (its alias behind a
+/// PCIe-to-PCI bridge) and writes nothing.
 pub fn scenario(platform: &'static Platform) -> Result<(), String> {
     use sluice_iommu::vtd::ownership::DeviceStatus;
 
@@ -85,6 +100,10 @@ pub fn scenario(platform: &'static Platform) -> Result<(), String> {
     let pci = crate::pci::discover(acpi)?;
     let map = crate::pci::associate(acpi, &pci)?;
     let drhds = map.dmar.as_ref().map_or(0, |d| d.drhds.len());
+    let platform_ir = map
+        .dmar
+        .as_ref()
+        .is_some_and(|d| d.flags.contains(DmarFlags::INTR_REMAP));
     let mut owned = take_ownership(platform, &map)?;
     if let Some(f) = owned.failed.first() {
         return Err(format!("dmar{} was not taken over: {}", f.drhd, f.error));
@@ -101,11 +120,21 @@ pub fn scenario(platform: &'static Platform) -> Result<(), String> {
                 caps.summary()
             ));
         }
+        let remapping = u.unit.interrupt_remapping_enabled();
+        if remapping != (caps.interrupt_remapping && platform_ir) {
+            return Err(format!(
+                "dmar{}: interrupt remapping is {} with ECAP.IR = {} and DMAR INTR_REMAP = {platform_ir}",
+                u.drhd,
+                if remapping { "on" } else { "off" },
+                caps.interrupt_remapping
+            ));
+        }
         info!(
-            "vtd-ownership: dmar{} @{:#x} owned in {:?} mode: {}",
+            "vtd-ownership: dmar{} @{:#x} owned in {:?} mode, interrupt remapping {}: {}",
             u.drhd,
             u.register_base,
             u.unit.mode(),
+            if remapping { "on" } else { "off" },
             caps.summary()
         );
     }

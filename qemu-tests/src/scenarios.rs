@@ -187,6 +187,25 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: TOPOLOGY,
         ..Scenario::DEFAULT
     },
+    // The same with interrupt remapping explicitly on (TCG needs no
+    // split irqchip) in scalable mode, and explicitly off, where it must
+    // be reported off.
+    Scenario {
+        name: "vtd-ownership-scalable-intremap",
+        arches: &[Arch::X86_64],
+        intel_iommu: "intremap=on,x-scalable-mode=on",
+        cmdline: "test=vtd-ownership",
+        qemu_args: TOPOLOGY,
+        ..Scenario::DEFAULT
+    },
+    Scenario {
+        name: "vtd-ownership-intremap-off",
+        arches: &[Arch::X86_64],
+        intel_iommu: "intremap=off",
+        cmdline: "test=vtd-ownership",
+        qemu_args: &["-device", "edu"],
+        ..Scenario::DEFAULT
+    },
 ];
 
 /// The topology scenario's devices: edu on the root complex, behind a PCIe

@@ -11,12 +11,12 @@ use sluice_hal::model::{ModelClock, ModelMemory};
 use sluice_hal::{DmaMemory, PhysAddr};
 use sluice_iommu::acpi::dmar::{self, Dmar};
 use sluice_iommu::association::associate_dmar;
-use sluice_iommu::vtd::model::{Stuck, VtdModel};
+use sluice_iommu::vtd::model::{InterruptFault, InterruptRequest, Stuck, VtdModel};
 use sluice_iommu::vtd::ownership::{
     DeviceStatus, OwnedIommus, OwnershipConfig, OwnershipError, UnitHardware, take_ownership,
 };
 use sluice_iommu::vtd::walker::{self, DmaRequest, TableKind};
-use sluice_iommu::vtd::{CapBuilder, ModeRequest, TranslationMode, VtdError};
+use sluice_iommu::vtd::{CapBuilder, IrConfig, ModeRequest, TranslationMode, VtdError};
 use sluice_pci::caps::PortType;
 use sluice_pci::model::{FunctionBuilder, ModelConfigSpace};
 use sluice_pci::{Bdf, PciAddress, Segment, Topology, enumerate};
@@ -154,6 +154,7 @@ fn own(p: &'static Platform, dmar: &Dmar, m: &ModelConfigSpace) -> OwnedIommus<'
     let config = OwnershipConfig {
         mode: ModeRequest::PreferScalable,
         timeout_ns: 1_000_000,
+        interrupt_remapping: Some(IrConfig { x2apic: false }),
     };
     take_ownership(dmar, &[association], &config, |index, drhd| {
         assert_eq!(
@@ -207,6 +208,19 @@ fn every_drhd_is_owned_rmrrs_are_identity_mapped_and_failures_uncover_their_devi
     ));
     assert_eq!(owned.failed[0].devices, [DISK]);
     assert!(p.models[0].translation_enabled() && p.models[2].translation_enabled());
+    // Interrupt remapping where the unit has it (the DMAR declares
+    // INTR_REMAP): the server unit remaps and blocks plain MSIs, QEMU's
+    // default unit cannot.
+    assert!(!owned.units[0].unit.interrupt_remapping_enabled());
+    assert!(owned.units[1].unit.interrupt_remapping_enabled());
+    assert_eq!(
+        p.models[2].interrupt(InterruptRequest {
+            sid: NIC.bdf.requester_id(),
+            address: 0xfee0_0000,
+            data: 0x30,
+        }),
+        Err(InterruptFault::CompatBlocked)
+    );
     for model in &p.models {
         assert!(model.violations().is_empty(), "{:?}", model.violations());
     }

@@ -14,6 +14,8 @@
 //!   map and unmap with exactly the invalidation each change needs, RMRR
 //!   identity maps, fault draining with per-domain queues;
 //! * [`fault`]: fault-record decoding and the bounded, rate-limited drain;
+//! * [`intremap`]: interrupt remapping: the table, IRTA/SIRTP/IRE/CFI,
+//!   remapped entries with source-ID checks and entry-cache invalidation;
 //! * [`walker`]: an independent translation walker (root → context →
 //!   PASID → page table) written separately from the code that builds the
 //!   tables;
@@ -41,6 +43,7 @@ pub mod structs;
 pub use caps::{CapBuilder, VtdCapabilities};
 pub mod error;
 pub mod fault;
+pub mod intremap;
 mod invalidation;
 pub mod model;
 pub mod ownership;
@@ -49,6 +52,10 @@ pub mod walker;
 
 pub use error::VtdError;
 pub use fault::{AccessKind, FaultClass, FaultReason, FaultRecord};
+pub use intremap::{
+    DeliveryMode, IrConfig, Irte, RemappableMsi, RemappedInterrupt, SidQualifier, SourceValidation,
+    TriggerMode,
+};
 pub use unit::{
     AtsConfig, AttributedFault, DomainConfig, DomainId, DomainInfo, DomainKind, DomainShape,
     FaultDrain, ModeRequest, TranslationMode, VtdConfig, VtdUnit,

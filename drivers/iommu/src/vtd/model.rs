@@ -26,6 +26,12 @@
 //!   invalidation.
 //! * faults are recorded in the fault-recording registers (FSTS.PPF/FRI,
 //!   PFO when full), and tests can inject their own;
+//! * interrupt remapping: SIRTP latches IRTA, [`VtdModel::interrupt`]
+//!   remaps an MSI through an interrupt entry cache filled from the table
+//!   (decoded with the model's own code) and emptied only by
+//!   interrupt-entry-cache invalidations; blocked compatibility-format
+//!   interrupts, missing or malformed entries and source-ID mismatches are
+//!   recorded as faults with the spec's reasons;
 //! * "stuck" switches make GCMD, the queue or the invalidation registers
 //!   never complete, so timeouts can be tested.
 
@@ -151,6 +157,60 @@ pub struct Stuck {
     pub registers: bool,
 }
 
+/// An MSI as the unit receives it: the requester and the memory write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterruptRequest {
+    pub sid: u16,
+    pub address: u32,
+    pub data: u32,
+}
+
+/// Where an interrupt went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterruptOutcome {
+    pub destination: u32,
+    pub vector: u8,
+    /// Delivery mode (SDM encoding).
+    pub delivery: u8,
+    pub level: bool,
+    pub logical: bool,
+    /// Through a remapping table entry (false: remapping off, or a
+    /// compatibility-format interrupt let through by CFI).
+    pub remapped: bool,
+    /// The entry came from the interrupt entry cache.
+    pub cached: bool,
+}
+
+/// Why the model blocked an interrupt (VT-d appendix A reasons 0x20-0x26).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptFault {
+    /// Reserved bits in the remappable MSI (0x20).
+    ReservedRequest,
+    /// Handle (+ subhandle) at or beyond the table size (0x21).
+    IndexBeyondTable { index: u32 },
+    /// IRTE P clear (0x22).
+    NotPresent { index: u32 },
+    /// Reserved bits, posted mode or a reserved delivery mode (0x24).
+    ReservedEntry { index: u32 },
+    /// Compatibility format with CFI clear or EIME set (0x25).
+    CompatBlocked,
+    /// The requester failed the entry's source check (0x26).
+    SourceMismatch { index: u32 },
+}
+
+impl InterruptFault {
+    pub const fn reason_code(self) -> u8 {
+        match self {
+            Self::ReservedRequest => 0x20,
+            Self::IndexBeyondTable { .. } => 0x21,
+            Self::NotPresent { .. } => 0x22,
+            Self::ReservedEntry { .. } => 0x24,
+            Self::CompatBlocked => 0x25,
+            Self::SourceMismatch { .. } => 0x26,
+        }
+    }
+}
+
 /// A DMA the model let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaOutcome {
@@ -214,6 +274,12 @@ struct State {
     pasid_cache: BTreeMap<(u16, u32), CachedWords>,
     iotlb: BTreeMap<IotlbKey, IotlbEntry>,
     psc: BTreeMap<PscKey, u64>,
+    /// IRTA as latched by the last SIRTP.
+    active_irta: Option<u64>,
+    /// A global interrupt-entry-cache invalidation followed the last SIRTP.
+    iec_flushed_since_sirtp: bool,
+    /// Interrupt entry cache: index → IRTE words.
+    iec: BTreeMap<u32, [u64; 2]>,
 }
 
 /// The model. See the module documentation.
@@ -266,6 +332,9 @@ impl<'m> VtdModel<'m> {
                 pasid_cache: BTreeMap::new(),
                 iotlb: BTreeMap::new(),
                 psc: BTreeMap::new(),
+                active_irta: None,
+                iec_flushed_since_sirtp: false,
+                iec: BTreeMap::new(),
             }),
         }
     }
@@ -414,6 +483,163 @@ impl<'m> VtdModel<'m> {
             );
         }
         result
+    }
+
+    /// GSTS.IRES.
+    pub fn interrupt_remapping_enabled(&self) -> bool {
+        self.gsts() & global::INTERRUPT_REMAPPING != 0
+    }
+
+    /// IRTA as latched by the last SIRTP.
+    pub fn active_interrupt_table(&self) -> Option<u64> {
+        self.state.borrow().active_irta
+    }
+
+    /// Entries in the interrupt entry cache.
+    pub fn interrupt_cache_entries(&self) -> usize {
+        self.state.borrow().iec.len()
+    }
+
+    /// An MSI from `req.sid`: remapped through the interrupt entry cache
+    /// (filled from the table on a miss), let through unremapped when
+    /// remapping is off, or blocked and recorded as a fault.
+    pub fn interrupt(&self, req: InterruptRequest) -> Result<InterruptOutcome, InterruptFault> {
+        let mut st = self.state.borrow_mut();
+        let result = self.remap_interrupt(&mut st, req);
+        if let Err(fault) = result {
+            let index = match fault {
+                InterruptFault::IndexBeyondTable { index }
+                | InterruptFault::NotPresent { index }
+                | InterruptFault::ReservedEntry { index }
+                | InterruptFault::SourceMismatch { index } => index,
+                _ => 0,
+            };
+            // Interrupt faults carry the interrupt index in FI bits 63:48.
+            Self::record_fault(
+                &mut st,
+                InjectedFault {
+                    sid: req.sid,
+                    addr: u64::from(index) << 48,
+                    reason: fault.reason_code(),
+                    write: true,
+                    pasid: None,
+                },
+            );
+        }
+        result
+    }
+
+    fn remap_interrupt(
+        &self,
+        st: &mut State,
+        req: InterruptRequest,
+    ) -> Result<InterruptOutcome, InterruptFault> {
+        // Compatibility format (SDM 10.11.1): destination in address bits
+        // 19:12, vector and delivery mode in the data.
+        let compat = InterruptOutcome {
+            destination: (req.address >> 12) & 0xff,
+            vector: req.data as u8,
+            delivery: ((req.data >> 8) & 0b111) as u8,
+            level: req.data & (1 << 15) != 0,
+            logical: req.address & (1 << 2) != 0,
+            remapped: false,
+            cached: false,
+        };
+        if st.gsts & global::INTERRUPT_REMAPPING == 0 {
+            return Ok(compat);
+        }
+        let irta = st.active_irta.unwrap_or(0);
+        let eime = irta & regs::irta::EIME != 0;
+        // Remappable format (5.1.5.2): interrupt format bit 4.
+        if req.address & (1 << 4) == 0 {
+            let cfi = st.gsts & global::COMPAT_FORMAT_INTERRUPTS != 0;
+            return if cfi && !eime {
+                Ok(compat)
+            } else {
+                Err(InterruptFault::CompatBlocked)
+            };
+        }
+        if req.address & 0b11 != 0 {
+            return Err(InterruptFault::ReservedRequest);
+        }
+        let handle = ((req.address >> 5) & 0x7fff) | (((req.address >> 2) & 1) << 15);
+        let index = if req.address & (1 << 3) != 0 {
+            handle + (req.data & 0xffff)
+        } else {
+            handle
+        };
+        let entries = 2u32 << (irta & regs::irta::SIZE_MASK);
+        if index >= entries {
+            return Err(InterruptFault::IndexBeyondTable { index });
+        }
+        let (words, cached) = match st.iec.get(&index) {
+            Some(&w) => (w, true),
+            None => {
+                let at = (irta & regs::irta::ADDRESS_MASK) + u64::from(index) * 16;
+                let w = [
+                    self.mem.read_u64(PhysAddr::new(at)),
+                    self.mem.read_u64(PhysAddr::new(at + 8)),
+                ];
+                (w, false)
+            }
+        };
+        let [low, high] = words;
+        if low & 1 == 0 {
+            // Not-present entries are cached only in caching mode.
+            if self.caps.caching_mode {
+                st.iec.insert(index, words);
+            }
+            return Err(InterruptFault::NotPresent { index });
+        }
+        st.iec.insert(index, words);
+        // IRTE (9.10): reserved 14:12 and 31:24, IM (15) posted, and in
+        // xAPIC mode destination bits 39:32 and 63:48; high 63:20.
+        let mut reserved_low = (0b111 << 12) | (0xff << 24) | (1 << 15);
+        if !eime {
+            reserved_low |= (0xff << 32) | (0xffff << 48);
+        }
+        let delivery = ((low >> 5) & 0b111) as u8;
+        let svt = (high >> 18) & 0b11;
+        if low & reserved_low != 0
+            || high >> 20 != 0
+            || matches!(delivery, 0b011 | 0b110)
+            || svt == 0b11
+        {
+            return Err(InterruptFault::ReservedEntry { index });
+        }
+        let sid_field = (high & 0xffff) as u16;
+        let source_ok = match svt {
+            0b01 => {
+                let ignore: u16 = match (high >> 16) & 0b11 {
+                    0b00 => 0,
+                    0b01 => 0b100,
+                    0b10 => 0b110,
+                    _ => 0b111,
+                };
+                req.sid & !ignore == sid_field & !ignore
+            }
+            0b10 => {
+                let bus = req.sid >> 8;
+                (sid_field >> 8) <= bus && bus <= (sid_field & 0xff)
+            }
+            _ => true,
+        };
+        if !source_ok {
+            return Err(InterruptFault::SourceMismatch { index });
+        }
+        Ok(InterruptOutcome {
+            destination: if eime {
+                (low >> 32) as u32
+            } else {
+                ((low >> 40) & 0xff) as u32
+            },
+            vector: (low >> 16) as u8,
+            delivery,
+            level: low & (1 << 4) != 0,
+            logical: low & (1 << 2) != 0,
+            remapped: true,
+            cached,
+        })
     }
 
     // ---- translation through the caches -----------------------------------
@@ -706,6 +932,20 @@ impl<'m> VtdModel<'m> {
                 st.gsts &= !global::QUEUED_INVALIDATION;
             }
         }
+        if changed & global::INTERRUPT_REMAPPING != 0 && value & global::INTERRUPT_REMAPPING != 0 {
+            if !self.caps.interrupt_remapping {
+                st.violations
+                    .push("interrupt remapping enabled on a unit without ECAP.IR");
+            }
+            if st.active_irta.is_none() {
+                st.violations
+                    .push("interrupt remapping enabled before a table was set (SIRTP)");
+            } else if !st.iec_flushed_since_sirtp {
+                st.violations.push(
+                    "interrupt remapping enabled without a global entry-cache invalidation after SIRTP",
+                );
+            }
+        }
         for bit in [
             global::ADVANCED_FAULT_LOG,
             global::INTERRUPT_REMAPPING,
@@ -728,6 +968,13 @@ impl<'m> VtdModel<'m> {
             // The flush completes at once: WBFS reads 0.
         }
         if value & global::SET_INTERRUPT_TABLE != 0 {
+            let irta = st.plain64.get(&0xb8).copied().unwrap_or(0);
+            if irta & regs::irta::EIME != 0 && !self.caps.extended_interrupt_mode {
+                st.violations
+                    .push("IRTA.EIME set on a unit without ECAP.EIM");
+            }
+            st.active_irta = Some(irta);
+            st.iec_flushed_since_sirtp = false;
             st.gsts |= global::SET_INTERRUPT_TABLE;
         }
         if value & global::SET_FAULT_LOG != 0 {
@@ -805,7 +1052,16 @@ impl<'m> VtdModel<'m> {
                     .retain(|&(_, p), c| !(c.did == Some(did) && p == pasid)),
                 _ => st.pasid_cache.clear(),
             },
-            Inv::DeviceTlb { .. } | Inv::PasidDeviceTlb { .. } | Inv::InterruptEntries { .. } => {}
+            Inv::InterruptEntries { global: true, .. } => {
+                st.iec.clear();
+                st.iec_flushed_since_sirtp = true;
+            }
+            Inv::InterruptEntries { index, mask, .. } => {
+                let span = 1u32 << mask.min(16);
+                let first = u32::from(index) & !(span - 1);
+                st.iec.retain(|&i, _| !(first..first + span).contains(&i));
+            }
+            Inv::DeviceTlb { .. } | Inv::PasidDeviceTlb { .. } => {}
         }
     }
 

@@ -10,7 +10,13 @@
 //!   would let the guest reach that memory;
 //! * a DRHD that cannot be brought up is reported loudly, and every device
 //!   it covers is marked uncovered: it is not isolated and is never
-//!   assigned.
+//!   assigned;
+//! * interrupt remapping is switched on where the unit has it (ECAP.IR)
+//!   and the DMAR says the platform supports it (INTR_REMAP, 8.1), with
+//!   every entry not present and compatibility-format interrupts blocked;
+//!   a unit where that fails stays owned for DMA but reports
+//!   [`VtdUnit::interrupt_remapping_enabled`] false, so its devices get no
+//!   MSI isolation.
 //!
 //! Nothing here touches real hardware directly: the caller hands each DRHD
 //! its register window, DMA memory and clock through a factory, so the same
@@ -25,8 +31,9 @@ use sluice_hal::{Clock, DmaMemory, Mmio};
 use sluice_pci::{Bdf, PciAddress, Segment};
 
 use super::error::VtdError;
+use super::intremap::IrConfig;
 use super::unit::{ModeRequest, VtdConfig, VtdUnit};
-use crate::acpi::dmar::{Dmar, Drhd};
+use crate::acpi::dmar::{Dmar, DmarFlags, Drhd};
 use crate::association::{Association, ReservedSource, UnitId};
 
 /// What the driver needs to reach one DRHD.
@@ -43,6 +50,10 @@ pub struct OwnershipConfig {
     pub mode: ModeRequest,
     /// How long any single wait on a unit may take.
     pub timeout_ns: u64,
+    /// Switch interrupt remapping on (for hosts whose APICs run in this
+    /// mode) wherever the unit and the platform support it; `None` leaves
+    /// it off.
+    pub interrupt_remapping: Option<IrConfig>,
 }
 
 impl OwnershipConfig {
@@ -50,6 +61,7 @@ impl OwnershipConfig {
         Self {
             mode: ModeRequest::PreferScalable,
             timeout_ns: 100_000_000,
+            interrupt_remapping: Some(IrConfig { x2apic: false }),
         }
     }
 }
@@ -271,12 +283,18 @@ pub fn take_ownership<'a>(
         let devices = owned.device_unit.values().filter(|&&x| x == i).count();
         let rmrr = owned.rmrr_devices.values().filter(|r| r.unit == i).count();
         log::info!(
-            "dmar{} @{:#x}: owned, {:?} mode, {} devices blocked, {} identity-mapped for RMRRs",
+            "dmar{} @{:#x}: owned, {:?} mode, {} devices blocked, {} identity-mapped for RMRRs, \
+             interrupt remapping {}",
             u.drhd,
             u.register_base,
             u.unit.mode(),
             devices.saturating_sub(rmrr),
-            rmrr
+            rmrr,
+            if u.unit.interrupt_remapping_enabled() {
+                "on"
+            } else {
+                "off"
+            }
         );
     }
     owned
@@ -308,7 +326,25 @@ fn bring_up<'a>(
             u32::from(dmar.host_address_width),
         )
     };
-    VtdUnit::init(hw.mmio, hw.mem, hw.clock, unit_config).map_err(OwnershipError::Init)
+    let mut unit =
+        VtdUnit::init(hw.mmio, hw.mem, hw.clock, unit_config).map_err(OwnershipError::Init)?;
+    if let Some(ir) = config.interrupt_remapping {
+        let platform_ir = dmar.flags.contains(DmarFlags::INTR_REMAP);
+        match (unit.capabilities().interrupt_remapping, platform_ir) {
+            (true, true) => {
+                // Logged inside; DMA isolation stands either way.
+                let _ = unit.enable_interrupt_remapping(ir);
+            }
+            (true, false) => log::warn!(
+                "dmar{index}: the unit can remap interrupts but the DMAR does not declare \
+                 INTR_REMAP; interrupt remapping stays off, MSIs are not isolated"
+            ),
+            (false, _) => log::warn!(
+                "dmar{index}: no interrupt remapping (ECAP.IR = 0); MSIs of its devices are not isolated"
+            ),
+        }
+    }
+    Ok(unit)
 }
 
 /// Identity-maps each RMRR on the unit of each device it names.

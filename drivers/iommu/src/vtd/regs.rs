@@ -114,6 +114,15 @@ pub mod rtaddr {
     pub const ADDRESS_MASK: u64 = !0xfff;
 }
 
+/// IRTA bits (11.4.10.1).
+pub mod irta {
+    /// S, bits 3:0: the table holds 2^(S + 1) entries.
+    pub const SIZE_MASK: u64 = 0xf;
+    /// EIME: extended (x2APIC) interrupt mode, 32-bit destination IDs.
+    pub const EIME: u64 = 1 << 11;
+    pub const ADDRESS_MASK: u64 = !0xfff;
+}
+
 /// CCMD bits (11.4.6.1).
 pub mod ccmd {
     /// ICC: set by software to start, cleared by hardware when done.

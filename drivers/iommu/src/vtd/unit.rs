@@ -269,11 +269,11 @@ impl Device {
 
 /// One VT-d unit under Sluice's control. See the module documentation.
 pub struct VtdUnit<'a> {
-    mmio: &'a dyn Mmio,
-    mem: &'a dyn DmaMemory,
+    pub(super) mmio: &'a dyn Mmio,
+    pub(super) mem: &'a dyn DmaMemory,
     clock: &'a dyn Clock,
-    caps: VtdCapabilities,
-    config: VtdConfig,
+    pub(super) caps: VtdCapabilities,
+    pub(super) config: VtdConfig,
     mode: TranslationMode,
     /// Whether the unit's page walks snoop: legacy ECAP.C; scalable
     /// ECAP.SMPWC (with PWSNP set in every PASID entry).
@@ -289,6 +289,8 @@ pub struct VtdUnit<'a> {
     /// Table pages whose invalidation failed: kept (never reused) until a
     /// global invalidation succeeds.
     quarantine: Vec<PendingFree>,
+    /// The interrupt remapping table, once remapping is on.
+    pub(super) ir: Option<super::intremap::IrTable>,
 }
 
 impl<'a> VtdUnit<'a> {
@@ -353,12 +355,13 @@ impl<'a> VtdUnit<'a> {
             devices: BTreeMap::new(),
             rmrr_domains: BTreeMap::new(),
             quarantine: Vec::new(),
+            ir: None,
         };
         unit.take_over()?;
         Ok(unit)
     }
 
-    fn hw(&self) -> Hw<'a> {
+    pub(super) fn hw(&self) -> Hw<'a> {
         Hw {
             mmio: self.mmio,
             mem: self.mem,
@@ -470,7 +473,12 @@ impl<'a> VtdUnit<'a> {
     /// waits for GSTS to follow. Per spec 11.4.4.1 the write starts from
     /// the current status with the one-shot bits masked out, so exactly one
     /// command changes.
-    fn set_global(&self, bit: u32, on: bool, what: &'static str) -> Result<(), VtdError> {
+    pub(super) fn set_global(
+        &self,
+        bit: u32,
+        on: bool,
+        what: &'static str,
+    ) -> Result<(), VtdError> {
         let status = regs::GSTS.read(self.mmio) & global::PERSISTENT_STATUS_MASK;
         let value = if on { status | bit } else { status & !bit };
         regs::GCMD.write(self.mmio, value);
@@ -480,7 +488,7 @@ impl<'a> VtdUnit<'a> {
 
     /// Issues a one-shot command (SRTP, WBF, SIRTP, SFL) and waits until
     /// `done(GSTS)`.
-    fn one_shot(
+    pub(super) fn one_shot(
         &self,
         bit: u32,
         what: &'static str,
@@ -505,7 +513,7 @@ impl<'a> VtdUnit<'a> {
         self.caps.drain_reads || self.caps.drain_writes
     }
 
-    fn submit(&mut self, descs: &[Descriptor]) -> Result<(), VtdError> {
+    pub(super) fn submit(&mut self, descs: &[Descriptor]) -> Result<(), VtdError> {
         let hw = self.hw();
         self.invalidator.submit(&hw, descs)
     }
@@ -598,7 +606,7 @@ impl<'a> VtdUnit<'a> {
 
     // ---- memory helpers -----------------------------------------------------
 
-    fn alloc_structure_page(&self) -> Result<PhysAddr, VtdError> {
+    pub(super) fn alloc_structure_page(&self) -> Result<PhysAddr, VtdError> {
         let page = self.mem.alloc_page().map_err(|_| VtdError::OutOfMemory)?;
         self.hw().flush(page, PAGE_SIZE);
         Ok(page)
@@ -606,7 +614,7 @@ impl<'a> VtdUnit<'a> {
 
     /// Writes an entry so that the word with the present bit (`words[0]`)
     /// lands last, then makes it visible to a non-coherent unit.
-    fn publish(&self, addr: PhysAddr, words: &[u64]) {
+    pub(super) fn publish(&self, addr: PhysAddr, words: &[u64]) {
         for (i, &w) in words.iter().enumerate().skip(1) {
             self.mem
                 .write_u64(PhysAddr::new(addr.as_u64() + 8 * i as u64), w);
@@ -616,7 +624,7 @@ impl<'a> VtdUnit<'a> {
     }
 
     /// Clears an entry, present bit first.
-    fn retract(&self, addr: PhysAddr, len_words: usize) {
+    pub(super) fn retract(&self, addr: PhysAddr, len_words: usize) {
         self.mem.write_u64(addr, 0);
         for i in 1..len_words {
             self.mem

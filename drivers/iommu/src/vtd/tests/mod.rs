@@ -4,6 +4,7 @@ mod accounting;
 mod attach;
 mod bringup;
 mod faults;
+mod intremap;
 mod invalidation;
 
 use sluice_hal::PhysAddr;
