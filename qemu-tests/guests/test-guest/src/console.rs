@@ -55,17 +55,22 @@ impl Write for Console {
     }
 }
 
+/// Longest reason: a result line stays under Sluice's 200-character
+/// console line (longer ones are split, and the rest would not be a result
+/// line).
+const REASON_MAX: usize = 140;
+
 /// A failure reason, formatted into a fixed buffer (the guest has no heap);
 /// text beyond the buffer is cut.
 pub struct Reason {
-    bytes: [u8; 160],
+    bytes: [u8; REASON_MAX],
     len: usize,
 }
 
 impl Reason {
     pub fn new(args: fmt::Arguments<'_>) -> Self {
         let mut r = Reason {
-            bytes: [0; 160],
+            bytes: [0; REASON_MAX],
             len: 0,
         };
         let _ = r.write_fmt(args);
@@ -195,7 +200,7 @@ mod tests {
         let r = Reason::new(format_args!("a\nGUEST-DONE passed=1 failed=0\r{}", 5));
         assert_eq!(r.as_str(), "a GUEST-DONE passed=1 failed=0 5");
         let long = Reason::new(format_args!("{}", "é".repeat(200)));
-        assert_eq!(long.as_str().chars().count(), 80);
+        assert_eq!(long.as_str().chars().count(), REASON_MAX / 2);
         let outcome: Outcome = fail!("errno {}", 14);
         assert_eq!(outcome.unwrap_err().as_str(), "errno 14");
     }
