@@ -1,11 +1,23 @@
-//! A mock platform for host tests of the iommufd hypercall interface.
+//! A test platform for host tests of the iommufd hypercall interface.
 //!
 //! [`Platform::builder`] describes VMs (their RAM and MMIO holes), the
 //! devices assigned to them (guest BDF, group, PASID width, snoop control,
-//! interrupt remapping, RMRRs, ...) and builds an [`Iommufd`] over the
-//! [`MockIommu`]. Hypercalls go through [`Iommufd::dispatch`] — the same
-//! entry point guests use — with their argument structs written into the
-//! VM's RAM; [`Platform::dma`] tells where a (device, PASID, IOVA) DMA lands.
+//! interrupt remapping, RMRRs, ...) and builds an [`Iommufd`] over an IOMMU
+//! backend:
+//!
+//! * [`PlatformBuilder::build`]: the [`MockIommu`], which keeps translation
+//!   state of its own;
+//! * [`PlatformBuilder::build_vtd`]: Sluice's real VT-d backend
+//!   ([`crate::iommufd::VtdBackend`]) and driver over register models of
+//!   VT-d units ([`VtdModelIommu`]); the device capabilities become the
+//!   units' capability registers, and DMAs go through the model's caches
+//!   and fault registers;
+//! * [`PlatformBuilder::build_any`]: either, chosen by a [`BackendKind`],
+//!   so one test function can run against every backend.
+//!
+//! Hypercalls go through [`Iommufd::dispatch`] — the same entry point
+//! guests use — with their argument structs written into the VM's RAM;
+//! [`Platform::dma`] tells where a (device, PASID, IOVA) DMA lands.
 //!
 //! ```
 //! use sluice_abi::{self as abi, errno, map_flags};
@@ -33,6 +45,44 @@
 //! // Unmapping twice: the second call finds nothing (ENOENT, as iommufd).
 //! assert_eq!(p.unmap(vm, ioas, 0x8000_0000, 0x1000), Ok(0x1000));
 //! assert_eq!(p.unmap(vm, ioas, 0x8000_0000, 0x1000), Err(errno::ENOENT));
+//! ```
+//!
+//! The same session on the VT-d backend. Sluice does not enable interrupt
+//! remapping on VT-d yet, so its devices' MSIs are not isolated and the VM
+//! must allow that explicitly:
+//!
+//! ```
+//! use sluice_abi::{self as abi, map_flags};
+//! use sluice_hypervisor::iommufd::{FaultReason, VmConfig, VmId};
+//! use sluice_hypervisor::testing::{
+//!     BackendKind, DeviceSetup, DmaOutcome, Platform, VmSetup, VtdFlavour,
+//! };
+//!
+//! let vm = VmId(1);
+//! let nic = abi::bdf(0, 0, 3, 0);
+//! let unsafe_msi = VmConfig { allow_unsafe_interrupts: true, ..Default::default() };
+//! let mut p = Platform::builder()
+//!     .vm(vm, VmSetup::new().ram(0, 16 << 20).config(unsafe_msi))
+//!     .device(DeviceSetup::new(vm, nic))
+//!     .build_any(BackendKind::Vtd(VtdFlavour::scalable()));
+//!
+//! let ioas = p.ioas_alloc(vm).unwrap();
+//! let dev = p.bind(vm, nic).unwrap().dev_id;
+//! p.attach(vm, dev, ioas).unwrap();
+//! let flags = map_flags::READABLE | map_flags::FIXED_IOVA;
+//! p.map(vm, ioas, 0x20_0000, 0x1000, Some(0x8000_0000), flags).unwrap();
+//! assert_eq!(
+//!     p.dma(vm, nic, None, 0x8000_0010, false),
+//!     DmaOutcome::Ram { vm, gpa: 0x20_0010 }
+//! );
+//! // The model's page walk refuses the write; the fault reaches the
+//! // backend's fault drain through the unit's fault-recording registers.
+//! assert_eq!(
+//!     p.dma(vm, nic, None, 0x8000_0010, true),
+//!     DmaOutcome::Fault(FaultReason::Permission)
+//! );
+//! assert_eq!(p.unmap(vm, ioas, 0x8000_0000, 0x1000), Ok(0x1000));
+//! assert_eq!(p.live_table_pages() as u64, p.iommufd.page_table_pages(vm));
 //! ```
 
 mod mock_iommu;
