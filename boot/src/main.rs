@@ -17,6 +17,8 @@ mod scenarios;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
 mod svm_smoke;
 #[cfg(target_os = "uefi")]
+mod smp_scenario;
+#[cfg(target_os = "uefi")]
 mod uefi_entry;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
 mod vtd_dma;

@@ -71,6 +71,11 @@ const SCENARIOS: &[Scenario] = &[
         run: crate::iommu_owner::scenario,
     },
     Scenario {
+        name: "smp",
+        what: "every CPU the MADT lists starts, reports its identity, counts under a shared spin lock and runs jobs (x86_64: with SVM enabled on it)",
+        run: crate::smp_scenario::run,
+    },
+    Scenario {
         name: "acpi-dump",
         what: "print the IOMMU-related ACPI tables as hex, for host-test fixtures",
         run: acpi_dump,

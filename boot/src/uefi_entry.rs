@@ -159,6 +159,21 @@ fn region_kind(ty: MemoryType) -> RegionKind {
     }
 }
 
+/// x86_64 starts the other CPUs through a real-mode trampoline that
+/// STARTUP IPIs reach only below 640 KiB; firmware's allocator still finds
+/// such a page easily now, the frame allocator may not later. Without one,
+/// `smp::init` tries the frame allocator and reports if that fails too.
+#[cfg(target_arch = "x86_64")]
+fn reserve_trampoline_page() {
+    if let Ok(page) = boot::allocate_pages(
+        AllocateType::MaxAddress(0x9_ffff),
+        MemoryType::LOADER_DATA,
+        1,
+    ) {
+        sluice_kernel::arch::smp::set_trampoline_page(page.as_ptr() as u64);
+    }
+}
+
 #[uefi::entry]
 fn efi_main() -> Status {
     // The heap first: everything after this may allocate.
@@ -172,6 +187,8 @@ fn efi_main() -> Status {
     let heap_start = heap.as_ptr() as u64;
     // SAFETY: firmware just gave us these pages for good (loader data).
     unsafe { sluice_kernel::memory::heap::init(heap_start, HEAP_BYTES) };
+    #[cfg(target_arch = "x86_64")]
+    reserve_trampoline_page();
 
     let rsdp = find_rsdp();
     // SAFETY: the address comes from firmware's configuration table.

@@ -106,13 +106,18 @@ pub fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     let _ = fmt::write(&mut message, format_args!("{}", info.message()));
     match info.location() {
         Some(at) => crate::println!(
-            "\n!!! Sluice panicked at {}:{}:{}: {}",
+            "\n!!! Sluice panicked{} at {}:{}:{}: {}",
+            crate::smp::CurrentCpu,
             at.file(),
             at.line(),
             at.column(),
             message.as_str()
         ),
-        None => crate::println!("\n!!! Sluice panicked: {}", message.as_str()),
+        None => crate::println!(
+            "\n!!! Sluice panicked{}: {}",
+            crate::smp::CurrentCpu,
+            message.as_str()
+        ),
     }
     if let Some(test) = current_test() {
         crate::println!("SLUICE-TEST {test} FAIL panic: {}", message.as_str());

@@ -206,6 +206,16 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: &["-device", "edu"],
         ..Scenario::DEFAULT
     },
+    // Every CPU the MADT lists starts (x86_64: INIT/STARTUP IPIs and the
+    // real-mode trampoline; aarch64: PSCI CPU_ON), reports its identity,
+    // counts under a shared spin lock, enables SVM on x86_64 and runs jobs
+    // the boot CPU hands it.
+    Scenario {
+        name: "smp",
+        cmdline: "test=smp",
+        smp: 2,
+        ..Scenario::DEFAULT
+    },
 ];
 
 /// The topology scenario's devices: edu on the root complex, behind a PCIe

@@ -62,15 +62,17 @@ pub fn describe() -> Option<&'static str> {
     CONSOLE.lock().as_ref().map(Console::describe)
 }
 
-/// Prints formatted text on the console.
+/// How many times a fatal path retries the console lock before taking it
+/// anyway: long enough for another CPU to finish a line, short enough that
+/// a holder that will never return (the interrupted code on this CPU)
+/// costs little.
+const EMERGENCY_LOCK_SPINS: u32 = 1 << 20;
+
+/// Prints formatted text on the console. The lock keeps lines from several
+/// CPUs whole.
 pub fn print(args: fmt::Arguments<'_>) {
     if PANICKING.load(Ordering::Relaxed) {
-        // A fatal path must never wait on the lock: try once, else drop.
-        if let Some(mut guard) = CONSOLE.try_lock()
-            && let Some(console) = guard.as_mut()
-        {
-            let _ = console.write_fmt(args);
-        }
+        emergency_print(args);
         return;
     }
     if let Some(console) = CONSOLE.lock().as_mut() {
@@ -78,14 +80,34 @@ pub fn print(args: fmt::Arguments<'_>) {
     }
 }
 
-/// From now on printing never waits for the console lock (a panic or an
-/// exception may have interrupted a holder).
+/// A fatal path must never wait for good: the lock holder may be the code
+/// this CPU interrupted. Wait a bounded time for another CPU to finish its
+/// line, then write regardless (at worst characters interleave).
+fn emergency_print(args: fmt::Arguments<'_>) {
+    for _ in 0..EMERGENCY_LOCK_SPINS {
+        if let Some(mut guard) = CONSOLE.try_lock() {
+            if let Some(console) = guard.as_mut() {
+                let _ = console.write_fmt(args);
+            }
+            return;
+        }
+        core::hint::spin_loop();
+    }
+    // SAFETY: the holder is stuck or slower than a fatal report may wait;
+    // the console keeps no state a torn write could break beyond garbled
+    // characters.
+    unsafe { CONSOLE.force_unlock() };
+    if let Some(mut guard) = CONSOLE.try_lock()
+        && let Some(console) = guard.as_mut()
+    {
+        let _ = console.write_fmt(args);
+    }
+}
+
+/// From now on printing waits only a bounded time for the console lock (a
+/// panic or an exception may have interrupted its holder on this CPU).
 pub fn enter_emergency() {
     PANICKING.store(true, Ordering::Relaxed);
-    // SAFETY: we are on the only running CPU's fatal path; whoever held the
-    // lock will never release it, and the console has no invariant a torn
-    // write could break beyond garbled characters.
-    unsafe { CONSOLE.force_unlock() };
 }
 
 #[macro_export]

@@ -216,7 +216,8 @@ extern "C" fn sluice_el2_exception_handler(kind: u64, frame: &ExceptionFrame) {
     };
     crate::console::enter_emergency();
     crate::println!(
-        "\n!!! CPU exception: {what} from {group}: {}",
+        "\n!!! CPU exception{}: {what} from {group}: {}",
+        crate::smp::CurrentCpu,
         reason.as_str()
     );
     for row in 0..8 {

@@ -3,6 +3,7 @@
 
 pub mod exceptions;
 pub mod paging;
+pub mod smp;
 
 use core::arch::asm;
 

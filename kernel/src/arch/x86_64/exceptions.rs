@@ -255,12 +255,19 @@ pub fn init() {
             let ist = if matches!(vector, 2 | 8 | 18) { 1 } else { 0 };
             idt[vector] = Gate::interrupt(*stub as usize as u64, ist);
         }
-        let pointer = DescriptorPointer {
-            limit: (size_of::<[Gate; 256]>() - 1) as u16,
-            base: idt.as_ptr() as u64,
-        };
-        asm!("lidt [{}]", in(reg) &pointer, options(nostack, preserves_flags));
     }
+    load();
+}
+
+/// Loads the IDT `init` built on the running CPU (every CPU shares it).
+pub fn load() {
+    let pointer = DescriptorPointer {
+        limit: (size_of::<[Gate; 256]>() - 1) as u16,
+        base: (&raw const IDT) as u64,
+    };
+    // SAFETY: the IDT is static and lives forever; after `init` it is only
+    // read.
+    unsafe { asm!("lidt [{}]", in(reg) &pointer, options(nostack, preserves_flags)) };
 }
 
 /// The mnemonic and name of an exception vector (Intel SDM vol. 3, table 6-1).
@@ -326,7 +333,8 @@ extern "sysv64" fn sluice_exception_handler(frame: &ExceptionFrame) {
     };
     crate::console::enter_emergency();
     crate::println!(
-        "\n!!! CPU exception: vector {} {}",
+        "\n!!! CPU exception{}: vector {} {}",
+        crate::smp::CurrentCpu,
         frame.vector,
         reason.as_str()
     );

@@ -2,7 +2,9 @@
 
 pub mod exceptions;
 pub mod gdt;
+pub mod lapic;
 pub mod paging;
+pub mod smp;
 pub mod svm;
 
 use core::arch::asm;
