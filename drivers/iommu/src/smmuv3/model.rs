@@ -17,7 +17,7 @@
 //!   so software sees a full queue) or made to never complete a CMD_SYNC;
 //! * [`SmmuModel::dma`] translates a transaction through *caches* — L1STD,
 //!   STE, L1CD and CD configuration caches, a TLB and walk caches — filled
-//!   with the independent [`walker`](super::walker) and emptied only by
+//!   with the independent [`walker`] and emptied only by
 //!   the CMD_CFGI_* / CMD_TLBI_* commands the spec says empty them. So a
 //!   test sees stale configuration or translations exactly when the driver
 //!   forgot an invalidation. Faults push event records into the event

@@ -1354,7 +1354,10 @@ impl<'a> SmmuUnit<'a> {
                     .domain(domain)?
                     .cd
                     .ok_or(SmmuError::WrongStage(Stage::Stage2))?;
-                self.write_cd(sid, 0, cd)?;
+                if let Err(e) = self.write_cd(sid, 0, cd) {
+                    self.drop_unused_stream_state(sid);
+                    return Err(e);
+                }
                 self.note_attached(sid, None, domain.0);
                 let ste = self.stage1_ste(sid).ok_or(SmmuError::NotAttached)?;
                 if let Err(e) = self.install_ste(sid, ste) {
@@ -1446,7 +1449,10 @@ impl<'a> SmmuUnit<'a> {
         if let Some(old) = self.substream_domain(sid, ssid) {
             self.note_detached(sid, Some(ssid), old.0);
         }
-        self.write_cd(sid, ssid, cd)?;
+        if let Err(e) = self.write_cd(sid, ssid, cd) {
+            self.drop_unused_stream_state(sid);
+            return Err(e);
+        }
         self.note_attached(sid, Some(ssid), domain.0);
         let ste = self.stage1_ste(sid).ok_or(SmmuError::NotAttached)?;
         self.install_ste(sid, ste)
@@ -1465,6 +1471,24 @@ impl<'a> SmmuUnit<'a> {
             self.maybe_free_l2(sid)?;
         }
         Ok(())
+    }
+
+    /// After a failed attach: a CD table nothing uses is freed (the STE
+    /// never pointed at it), and with it an unused level-2 table.
+    fn drop_unused_stream_state(&mut self, sid: u32) {
+        let unused = self
+            .streams
+            .get(&sid)
+            .is_none_or(|s| !s.is_attached() && !s.ste.is_some_and(|ste| ste.config().stage1()));
+        if unused {
+            self.free_cd_table(sid);
+            if let Err(e) = self.maybe_free_l2(sid) {
+                log::error!(
+                    "smmu{}: releasing the level-2 table of StreamID {sid:#x} failed ({e})",
+                    self.config.index
+                );
+            }
+        }
     }
 
     fn note_attached(&mut self, sid: u32, ssid: Option<u32>, did: u32) {

@@ -257,7 +257,7 @@ pub struct Leaf {
     pub size: u64,
     pub read: bool,
     pub write: bool,
-    /// Unprivileged access allowed (stage 1 AP[1]; always for stage 2).
+    /// Unprivileged access allowed (stage 1 `AP[1]`; always for stage 2).
     pub user: bool,
     /// Tables visited, (level, address), root first (levels counted from
     /// the leaf up: 0 holds 4 KiB pages).

@@ -523,3 +523,115 @@ fn no_pages_leak_after_freeing_domains() {
             .any(|e| matches!(e, ModelEvent::CommandError { .. }))
     );
 }
+
+#[test]
+fn non_coherent_smmu_sees_every_write_cleaned() {
+    let mem = ModelMemory::new();
+    let model = SmmuModel::new(&mem, IdrBuilder::server()).check_flushes(&mem);
+    let clock = clock();
+    let mut unit = init(&model, &mem, &clock);
+    let s1 = unit.alloc_domain(SmmuDomainConfig::stage1()).unwrap();
+    let s2 = unit.alloc_domain(SmmuDomainConfig::stage2()).unwrap();
+    unit.map(
+        s1,
+        0x40_0000,
+        phys(0x9000_0000),
+        4 * MIB,
+        MapPerms::READ_WRITE,
+    )
+    .unwrap();
+    unit.map(s2, 0x1000, phys(0x7000_0000), 0x3000, MapPerms::READ_WRITE)
+        .unwrap();
+    unit.attach_stream(SID_A, s1).unwrap();
+    unit.attach_substream(SID_A, 0x3000, s1).unwrap();
+    unit.attach_stream(SID_B, s2).unwrap();
+    assert!(
+        mem.unflushed_words().is_empty(),
+        "{:?}",
+        mem.unflushed_words()
+    );
+    assert_eq!(
+        model.dma(write(SID_A, 0x40_1234)).unwrap().phys,
+        phys(0x9000_1234)
+    );
+    assert_eq!(
+        model
+            .dma(read(SID_A, 0x50_0000).with_ssid(0x3000))
+            .unwrap()
+            .phys,
+        phys(0x9010_0000)
+    );
+    assert_eq!(
+        model.dma(read(SID_B, 0x2008)).unwrap().phys,
+        phys(0x7000_1008)
+    );
+    unit.unmap(s1, 0x40_0000, 0x1000).unwrap();
+    unit.unmap(s2, 0x1000, 0x3000).unwrap();
+    unit.detach_substream(SID_A, 0x3000).unwrap();
+    unit.detach_stream(SID_A).unwrap();
+    assert!(
+        mem.unflushed_words().is_empty(),
+        "{:?}",
+        mem.unflushed_words()
+    );
+    // The flush log shows the structures: stream table pages, STEs, CDs,
+    // queue slots and page-table entries.
+    let flushes = mem.flushes();
+    assert!(flushes.iter().any(|&(_, len)| len == 16), "command slots");
+    assert!(
+        flushes.iter().any(|&(_, len)| len == 56),
+        "STE/CD words 1-7"
+    );
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
+#[test]
+fn allocation_failures_leave_everything_working_and_nothing_leaked() {
+    // Each step of a full setup, failing at every allocation in turn.
+    for fail_at in 0..40u64 {
+        let mem = ModelMemory::new();
+        let model = SmmuModel::new(&mem, both_stages());
+        let clock = clock();
+        let mut unit = init(&model, &mem, &clock);
+        let base = mem.live_pages();
+        let keep = unit.alloc_domain(SmmuDomainConfig::stage1()).unwrap();
+        unit.map(keep, 0x1000, phys(0x5000), 0x1000, MapPerms::READ_WRITE)
+            .unwrap();
+        unit.attach_stream(0x5, keep).unwrap();
+        mem.fail_allocation_after(Some(fail_at));
+        let result: Result<(), SmmuError> = (|| {
+            let d = unit.alloc_domain(SmmuDomainConfig::stage1())?;
+            unit.map(d, 0x20_0000, phys(0x20_0000), 0x1000, MapPerms::READ_WRITE)?;
+            unit.attach_stream(SID_B, d)?;
+            unit.attach_substream(SID_B, 0x80, d)?;
+            unit.attach_substream(0x5, 0x41, d)?;
+            Ok(())
+        })();
+        mem.fail_allocation_after(None);
+        if let Err(e) = result {
+            assert_eq!(e, SmmuError::OutOfMemory, "failing allocation {fail_at}");
+        }
+        // What was set up before still translates.
+        assert_eq!(
+            model.dma(read(0x5, 0x1000)).unwrap().phys,
+            phys(0x5000),
+            "failing allocation {fail_at}"
+        );
+        assert!(model.violations().is_empty(), "{:?}", model.violations());
+        // Tear everything down: no page may be left.
+        for (sid, ssid) in [(SID_B, 0x80), (0x5, 0x41)] {
+            let _ = unit.detach_substream(sid, ssid);
+        }
+        for sid in [SID_B, 0x5] {
+            let _ = unit.detach_stream(sid);
+        }
+        for id in 1..8 {
+            let _ = unit.free_domain(crate::smmuv3::SmmuDomainId(id));
+        }
+        assert_eq!(mem.live_pages(), base, "failing allocation {fail_at}");
+        if result.is_ok() {
+            return;
+        }
+    }
+    panic!("the setup never completed");
+}
