@@ -573,7 +573,7 @@ impl<'a> VtdUnit<'a> {
 
     /// Pages the unit's own structures use: the root table, the
     /// invalidation queue and its status page, context tables, PASID
-    /// directories and PASID tables. With [`VtdUnit::domain_info`]'s
+    /// directories and PASID tables, the interrupt-remapping table. With [`VtdUnit::domain_info`]'s
     /// `table_pages` of every domain and [`VtdUnit::quarantined_pages`]
     /// this accounts for every page the unit holds.
     pub fn structure_pages(&self) -> usize {
@@ -586,7 +586,8 @@ impl<'a> VtdUnit<'a> {
             .values()
             .map(|d| usize::from(d.pasid_dir.is_some()) + d.pasid_tables.len())
             .sum();
-        1 + queue + self.context_tables.len() + pasid
+        let ir = usize::from(self.ir.is_some());
+        1 + queue + self.context_tables.len() + pasid + ir
     }
 
     /// Pages held back because their invalidation failed.

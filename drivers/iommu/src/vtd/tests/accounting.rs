@@ -113,6 +113,11 @@ fn structure_and_table_pages_account_for_every_page_the_unit_holds() {
             .expect("map");
         unit.map(b, 1 << 30, phys(0x20_0000), 0x40_0000, MapPerms::READ)
             .expect("map");
+        if mode == ModeRequest::Scalable {
+            unit.enable_interrupt_remapping(crate::vtd::intremap::IrConfig { x2apic: true })
+                .expect("interrupt remapping");
+            assert_eq!(mem.live_pages(), held_pages(&unit, &[a, b]), "IR table");
+        }
         unit.attach_device(DEV_A, a).expect("attach");
         unit.attach_device(DEV_UPPER, b).expect("attach upper");
         if mode == ModeRequest::Scalable {
