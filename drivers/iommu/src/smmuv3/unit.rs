@@ -62,6 +62,10 @@ pub struct SmmuConfig {
     /// Register base, for log lines.
     pub base: u64,
     pub stream_table: StreamTableRequest,
+    /// The IORT's COHACC override (IORT SMMUv3 node flags): firmware
+    /// knows better than IDR0.COHACC whether the SMMU's table and queue
+    /// accesses are coherent in this system.
+    pub coherent_override: Option<bool>,
     /// Complete CMD_SYNC with an MSI write to memory (IDR0.MSI on a
     /// coherent SMMU) instead of polling CMDQ_CONS.
     pub msi_sync: bool,
@@ -79,6 +83,7 @@ impl SmmuConfig {
             index,
             base,
             stream_table: StreamTableRequest::Auto,
+            coherent_override: None,
             msi_sync: true,
             timeout_ns: 100_000_000,
             event_log_limit: 8,
@@ -243,6 +248,9 @@ pub struct SmmuUnit<'a> {
     clock: &'a dyn Clock,
     caps: SmmuCapabilities,
     config: SmmuConfig,
+    /// Whether the SMMU's accesses to tables and queues snoop CPU caches
+    /// (IDR0.COHACC, or the firmware's override).
+    coherent: bool,
     layout: StreamTableLayout,
     strtab: PhysAddr,
     /// Level-2 stream tables by level-1 index.
@@ -321,12 +329,22 @@ impl<'a> SmmuUnit<'a> {
         } else {
             ssid_bits.min(PAGE_INDEX_BITS)
         };
+        let coherent = config.coherent_override.unwrap_or(caps.coherent);
+        if coherent != caps.coherent {
+            log::warn!(
+                "smmu{}: firmware overrides IDR0.COHACC = {}: table walks are {}",
+                config.index,
+                u8::from(caps.coherent),
+                if coherent { "coherent" } else { "non-coherent" }
+            );
+        }
         let mut unit = Self {
             mmio,
             mem,
             clock,
             caps,
             config,
+            coherent,
             layout,
             strtab: PhysAddr::new(0),
             l2_tables: BTreeMap::new(),
@@ -405,7 +423,7 @@ impl<'a> SmmuUnit<'a> {
             mem: self.mem,
             clock: self.clock,
             timeout_ns: self.config.timeout_ns,
-            coherent: self.caps.coherent,
+            coherent: self.coherent,
             index: self.config.index,
         }
     }
@@ -434,7 +452,7 @@ impl<'a> SmmuUnit<'a> {
         }
         // 5. Memory attributes of the SMMU's own table and queue accesses
         // (6.3.11): cacheable only where its accesses snoop.
-        let cr1_value = if self.caps.coherent {
+        let cr1_value = if self.coherent {
             cr1::uniform(cr1::WRITE_BACK, cr1::INNER_SHAREABLE)
         } else {
             cr1::uniform(cr1::NON_CACHEABLE, cr1::OUTER_SHAREABLE)
@@ -449,7 +467,7 @@ impl<'a> SmmuUnit<'a> {
         let cmdq = self.alloc_structure_page()?;
         self.base_pages.push(cmdq);
         self.cmdq.base = cmdq;
-        let hint = if self.caps.coherent {
+        let hint = if self.coherent {
             queue::ALLOCATE_HINT
         } else {
             0
@@ -469,7 +487,7 @@ impl<'a> SmmuUnit<'a> {
         );
         regs::EVENTQ_PROD.write(self.mmio, 0);
         regs::EVENTQ_CONS.write(self.mmio, 0);
-        if self.config.msi_sync && self.caps.msi && self.caps.coherent {
+        if self.config.msi_sync && self.caps.msi && self.coherent {
             let page = self.alloc_structure_page()?;
             self.base_pages.push(page);
             self.cmdq.msi = Some((page, 0));
@@ -534,7 +552,7 @@ impl<'a> SmmuUnit<'a> {
                     | (strtab::FMT_2LEVEL << strtab::FMT_SHIFT)
             }
         };
-        let hint = if self.caps.coherent { strtab::RA } else { 0 };
+        let hint = if self.coherent { strtab::RA } else { 0 };
         regs::STRTAB_BASE.write(self.mmio, hint | (page.as_u64() & strtab::ADDR_MASK));
         regs::STRTAB_BASE_CFG.write(self.mmio, cfg);
         Ok(())
@@ -562,6 +580,11 @@ impl<'a> SmmuUnit<'a> {
 
     pub fn capabilities(&self) -> &SmmuCapabilities {
         &self.caps
+    }
+
+    /// Whether table and queue writes need no cleaning for the SMMU.
+    pub fn coherent(&self) -> bool {
+        self.coherent
     }
 
     pub fn stream_table_layout(&self) -> StreamTableLayout {
@@ -991,7 +1014,7 @@ impl<'a> SmmuUnit<'a> {
             } else {
                 DefaultSubstream::Terminate
             },
-            cd_attrs: WalkAttrs::for_coherency(self.caps.coherent),
+            cd_attrs: WalkAttrs::for_coherency(self.coherent),
             // S1STALLD is only legal with a configurable stall model.
             stall_disable: self.caps.stall_model == 0b00,
         }))
@@ -1021,7 +1044,7 @@ impl<'a> SmmuUnit<'a> {
             StageRequest::Any => Stage::Stage2,
         };
         let output_bits = self.output_bits();
-        let coherent = self.caps.coherent;
+        let coherent = self.coherent;
         let table_config = TableConfig::new(PageSize::Size1G, coherent);
         let bbm2 = self.caps.bbml == 2;
         let walk_attrs = WalkAttrs::for_coherency(coherent);

@@ -297,3 +297,24 @@ fn non_coherent_smmu_gets_non_cacheable_attributes() {
     );
     assert!(!mem.flushes().is_empty());
 }
+
+#[test]
+fn firmware_can_override_cohacc() {
+    let mem = ModelMemory::new();
+    // The SMMU claims coherency; the IORT says otherwise.
+    let model = SmmuModel::new(&mem, IdrBuilder::qemu_7_2());
+    let clock = clock();
+    mem.set_track_flushes(true);
+    let cfg = crate::smmuv3::SmmuConfig {
+        coherent_override: Some(false),
+        ..config()
+    };
+    let unit = init_with(&model, &mem, &clock, cfg);
+    assert!(!unit.coherent());
+    assert!(model.events().contains(&ModelEvent::Cr1(cr1::uniform(
+        cr1::NON_CACHEABLE,
+        cr1::OUTER_SHAREABLE
+    ))));
+    assert!(mem.unflushed_words().is_empty());
+    assert!(!mem.flushes().is_empty());
+}
