@@ -635,3 +635,52 @@ fn allocation_failures_leave_everything_working_and_nothing_leaked() {
     }
     panic!("the setup never completed");
 }
+
+#[test]
+fn stage2_only_smmu_gives_stage2_domains_and_refuses_stage1() {
+    let mem = ModelMemory::new();
+    let idr = IdrBuilder {
+        stage1: false,
+        stage2: true,
+        vmid16: false,
+        ..IdrBuilder::qemu_7_2()
+    };
+    let model = SmmuModel::new(&mem, idr);
+    let clock = clock();
+    let mut unit = init(&model, &mem, &clock);
+    let base = mem.live_pages();
+    assert_eq!(
+        unit.alloc_domain(SmmuDomainConfig::stage1()),
+        Err(SmmuError::StageUnsupported(Stage::Stage1))
+    );
+    let d = unit.alloc_domain(SmmuDomainConfig::any()).unwrap();
+    let info = unit.domain_info(d).unwrap();
+    assert_eq!(info.stage, Stage::Stage2);
+    unit.map(d, 0x8000, phys(0x3_0000), 0x1000, MapPerms::READ_WRITE)
+        .unwrap();
+    unit.attach_stream(SID_A, d).unwrap();
+    assert_eq!(
+        model.dma(write(SID_A, 0x8004)).unwrap().phys,
+        phys(0x3_0004)
+    );
+    unit.unmap(d, 0x8000, 0x1000).unwrap();
+    assert_eq!(
+        fault_kind(model.dma(write(SID_A, 0x8004))),
+        Some(EventKind::Translation)
+    );
+    unit.detach_stream(SID_A).unwrap();
+    unit.free_domain(d).unwrap();
+    assert!(
+        model
+            .commands()
+            .contains(&Cmd::TlbiS12Vmall { vmid: info.tag })
+    );
+    assert_eq!(mem.live_pages(), base);
+    assert!(
+        !model
+            .events()
+            .iter()
+            .any(|e| matches!(e, ModelEvent::CommandError { .. })),
+        "no stage-1 command reached a stage-2-only SMMU"
+    );
+}
