@@ -31,6 +31,9 @@ struct Arrival {
     svm: Result<String, String>,
 }
 
+/// Where a job ran: the CPU it was given, and what `smp::current` said.
+type JobSite = (usize, Option<usize>);
+
 static ARRIVALS: Mutex<Vec<Arrival>> = Mutex::new(Vec::new());
 /// The spin-locked counter every CPU bumps.
 static COUNTER: Mutex<u64> = Mutex::new(0);
@@ -180,7 +183,8 @@ pub fn run(platform: &Platform) -> Result<(), String> {
 
     // Every CPU at once (the boot CPU too) hammers the same lock.
     let before = *COUNTER.lock();
-    let seen: Arc<Mutex<Vec<(usize, Option<usize>)>>> = Arc::default();
+    // (CPU a job ran for, CPU it found itself on)
+    let seen: Arc<Mutex<Vec<JobSite>>> = Arc::default();
     let mut jobs = Vec::new();
     for cpu in &cpus[1..] {
         let seen = seen.clone();
@@ -209,8 +213,7 @@ pub fn run(platform: &Platform) -> Result<(), String> {
     })?;
     let mut seen = seen.lock().clone();
     seen.sort();
-    let wanted: Vec<(usize, Option<usize>)> =
-        cpus[1..].iter().map(|c| (c.index, Some(c.index))).collect();
+    let wanted: Vec<JobSite> = cpus[1..].iter().map(|c| (c.index, Some(c.index))).collect();
     check(seen == wanted, || {
         format!("jobs ran as {seen:?}, expected {wanted:?}")
     })?;

@@ -516,7 +516,9 @@ mod bare_metal {
         if !cpu.serves_mailbox.load(Ordering::Acquire) {
             return Err(SmpError::NotServingMailbox { index });
         }
-        cpu.mailbox.post(index, Box::new(work))
+        let completion = cpu.mailbox.post(index, Box::new(work))?;
+        arch::wake_idle();
+        Ok(completion)
     }
 
     fn mailbox_entry(info: CpuInfo, _arg: usize) -> ! {
@@ -532,7 +534,7 @@ mod bare_metal {
         cpu.serves_mailbox.store(true, Ordering::Release);
         loop {
             if !cpu.mailbox.run_next(info) {
-                core::hint::spin_loop();
+                arch::idle_wait();
             }
         }
     }

@@ -344,6 +344,19 @@ pub(crate) fn boot(cpu: &crate::smp::Cpu, arrived: &dyn Fn() -> bool) -> Result<
     })
 }
 
+/// What an idle CPU does between looks at its mailbox: WFE, until an event
+/// such as [`wake_idle`]'s SEV (Arm ARM D1.6.1 "Wait for Event").
+pub(crate) fn idle_wait() {
+    // SAFETY: WFE only pauses this CPU until the next event.
+    unsafe { asm!("wfe", options(nomem, nostack, preserves_flags)) };
+}
+
+/// Wakes CPUs waiting in [`idle_wait`] once the mailbox store is visible.
+pub(crate) fn wake_idle() {
+    // SAFETY: DSB orders the earlier stores; SEV only signals an event.
+    unsafe { asm!("dsb ishst", "sev", options(nostack, preserves_flags)) };
+}
+
 /// Where the stub lands: MMU on, Sluice's vectors, the CPU's own stack.
 extern "C" fn sluice_ap_entry(block: &StartupBlock) -> ! {
     let index = block.index as usize;

@@ -510,6 +510,15 @@ extern "sysv64" fn sluice_ap_entry(index: usize) -> ! {
     crate::smp::cpu_arrived(index)
 }
 
+/// What an idle CPU does between looks at its mailbox: PAUSE (Sluice
+/// takes no interrupts yet, so HLT would never end).
+pub(crate) fn idle_wait() {
+    core::hint::spin_loop();
+}
+
+/// Nothing to wake: idle CPUs poll.
+pub(crate) fn wake_idle() {}
+
 /// This CPU's SVM pages, once `smp::init` has run.
 pub fn svm_pages() -> Option<(u64, u64)> {
     let index = current_index()?;
