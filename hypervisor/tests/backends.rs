@@ -8,9 +8,8 @@
 //! should not. Where the VT-d backend legitimately differs from the mock,
 //! the test says why next to the check:
 //!
-//! * Interrupt remapping: Sluice does not enable it on VT-d yet, so its
-//!   devices report no MSI isolation and binding them needs the VM's
-//!   `allow_unsafe_interrupts`. The VMs here allow it, for both backends.
+//! * Capabilities belong to units on VT-d: devices asking for different
+//!   ones sit behind different units, so they never share a domain.
 //! * Page-table page counts: VT-d's 4-level tables hold more pages per
 //!   mapping than the mock's root + leaf tables; tests compare the VM's
 //!   budget with the backend's own count instead of with fixed numbers.
@@ -38,8 +37,8 @@ const C: u32 = abi::bdf(0, 0, 4, 0);
 
 fn config(quota: Quota) -> VmConfig {
     VmConfig {
-        allow_unsafe_interrupts: true,
         quota,
+        ..Default::default()
     }
 }
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use sluice_abi::{self as abi, errno, map_flags};
-use sluice_hypervisor::iommufd::{FaultReason, VmConfig, VmId};
+use sluice_hypervisor::iommufd::{FaultReason, VmId};
 use sluice_hypervisor::testing::{
     AnyPlatform, BackendKind, DeviceSetup, DmaOutcome, Platform, VmSetup, VtdFlavour,
 };
@@ -130,12 +130,7 @@ fn run(kind: BackendKind, seed: u64, steps: usize, stats: &mut BTreeMap<String, 
             VmSetup::new()
                 .ram(0, RAM_PAGES / 2 * PAGE)
                 .ram(RAM_PAGES / 2 * PAGE, RAM_PAGES / 2 * PAGE)
-                .ram(0x1000_0000, 1 << 20)
-                // VT-d devices have no interrupt remapping under Sluice yet.
-                .config(VmConfig {
-                    allow_unsafe_interrupts: true,
-                    ..Default::default()
-                }),
+                .ram(0x1000_0000, 1 << 20),
         )
         .device(DeviceSetup::new(VM, dev_a))
         .device(DeviceSetup::new(VM, dev_b))

@@ -18,7 +18,7 @@ use sluice_hypervisor::iommufd::{
 use sluice_hypervisor::testing::{DeviceSetup, Platform, VmSetup, VtdFlavour};
 use sluice_iommu::vtd::model::{Stuck, VtdModel};
 use sluice_iommu::vtd::walker::{self, DmaRequest, TranslationFault};
-use sluice_iommu::vtd::{CapBuilder, ModeRequest, VtdConfig, VtdUnit};
+use sluice_iommu::vtd::{CapBuilder, IrConfig, ModeRequest, VtdConfig, VtdUnit};
 use sluice_pci::Bdf;
 
 const HAW: u32 = 46;
@@ -106,15 +106,38 @@ fn caps_come_from_the_units_registers() {
     let c = b.caps(DeviceId(1)).unwrap();
     assert_eq!(c.unit, 1);
     assert!(c.snoop_control && c.scalable_mode);
-    // ECAP.IR is set on this unit, but Sluice does not enable interrupt
-    // remapping: MSIs are not isolated.
+    // ECAP.IR is set on this unit, but remapping is not enabled yet: MSIs
+    // are not isolated.
     assert!(!c.interrupt_remapping);
     // 20 PASID bits in the unit; the driver's one-page PASID directory
     // reaches 2^15.
     assert_eq!(c.max_pasid_log2, 15);
     assert_eq!(c.input_address_bits, 48);
     assert_eq!(b.caps(DeviceId(2)).unwrap().page_sizes, 1 << 12);
+    b.unit_mut(u1)
+        .unwrap()
+        .enable_interrupt_remapping(IrConfig { x2apic: true })
+        .unwrap();
+    assert!(
+        b.caps(DeviceId(1)).unwrap().interrupt_remapping,
+        "read live"
+    );
     assert_eq!(b.caps(DeviceId(9)), Err(BackendError::NoSuchDevice));
+}
+
+#[test]
+fn msis_are_isolated_once_sluice_enables_interrupt_remapping() {
+    let mem = ModelMemory::new();
+    let clock = ModelClock::new(1_000);
+    let server = VtdModel::new(&mem, CapBuilder::server(), HAW);
+    let mut u = unit(&server, &mem, &clock, ModeRequest::Scalable);
+    u.enable_interrupt_remapping(IrConfig { x2apic: false })
+        .unwrap();
+    assert!(u.interrupt_remapping_enabled());
+    let mut b = VtdBackend::new();
+    let index = b.add_unit(u);
+    b.add_device(DeviceId(0), device(index, RID)).unwrap();
+    assert!(b.caps(DeviceId(0)).unwrap().interrupt_remapping);
 }
 
 #[test]
@@ -639,11 +662,11 @@ fn function_level_reset_goes_through_the_boot_codes_method() {
 }
 
 #[test]
-fn vtd_devices_need_allow_unsafe_interrupts_until_sluice_remaps_interrupts() {
+fn msi_isolation_on_the_platform_follows_the_units_interrupt_remapping() {
     let vm = VmId(1);
     let other = VmId(2);
-    let nic = abi::bdf(0, 0, 3, 0);
-    // The test asks for interrupt remapping; the unit even has ECAP.IR.
+    let (nic, old) = (abi::bdf(0, 0, 3, 0), abi::bdf(0, 0, 4, 0));
+    // `old` sits behind a unit without interrupt remapping.
     let mut p = Platform::builder()
         .vm(vm, VmSetup::new().ram(0, 16 << 20))
         .vm(
@@ -653,11 +676,15 @@ fn vtd_devices_need_allow_unsafe_interrupts_until_sluice_remaps_interrupts() {
                 ..Default::default()
             }),
         )
-        .device(DeviceSetup::new(vm, nic).interrupt_remapping(true))
-        .device(DeviceSetup::new(other, nic).interrupt_remapping(true))
+        .device(DeviceSetup::new(vm, nic))
+        .device(DeviceSetup::new(vm, old).interrupt_remapping(false))
+        .device(DeviceSetup::new(other, old).interrupt_remapping(false))
         .build_vtd(VtdFlavour::legacy());
-    assert_eq!(p.bind(vm, nic), Err(errno::EPERM));
-    let dev = p.bind(other, nic).unwrap().dev_id;
+    let dev = p.bind(vm, nic).unwrap().dev_id;
+    let info = p.hw_info(vm, dev).unwrap();
+    assert_ne!(info.out_capabilities & hw_caps::INTERRUPT_REMAPPING, 0);
+    assert_eq!(p.bind(vm, old), Err(errno::EPERM));
+    let dev = p.bind(other, old).unwrap().dev_id;
     let info = p.hw_info(other, dev).unwrap();
     assert_eq!(info.out_capabilities & hw_caps::INTERRUPT_REMAPPING, 0);
     assert_ne!(info.out_capabilities & hw_caps::ENFORCE_SNOOP, 0);

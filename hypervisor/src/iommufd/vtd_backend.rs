@@ -229,9 +229,7 @@ impl<'a> VtdBackend<'a> {
             Ok(shape) => Some(IommuCaps {
                 unit: index,
                 snoop_control: c.snoop_control,
-                // Sluice does not program interrupt remapping yet (no IRTA
-                // / SIRTP / IRE in the driver), so MSIs of devices behind
-                // this unit are not isolated whatever ECAP.IR says.
+                // Read live by `caps`: remapping may be enabled later.
                 interrupt_remapping: false,
                 scalable_mode: unit.mode() == TranslationMode::Scalable,
                 max_pasid_log2: floor_log2(unit.pasid_limit()),
@@ -728,9 +726,13 @@ impl IommuBackend for VtdBackend<'_> {
             .devices
             .get(&device)
             .ok_or(BackendError::NoSuchDevice)?;
-        self.units[d.desc.unit as usize]
-            .caps
-            .ok_or(BackendError::Unsupported)
+        let u = &self.units[d.desc.unit as usize];
+        let mut caps = u.caps.ok_or(BackendError::Unsupported)?;
+        // What Sluice enabled (IRTA programmed, IRE set, CFI clear), not
+        // what ECAP.IR offers: only then are the MSIs of the unit's devices
+        // isolated.
+        caps.interrupt_remapping = u.unit.interrupt_remapping_enabled();
+        Ok(caps)
     }
 
     fn domain_alloc(

@@ -47,22 +47,19 @@
 //! assert_eq!(p.unmap(vm, ioas, 0x8000_0000, 0x1000), Err(errno::ENOENT));
 //! ```
 //!
-//! The same session on the VT-d backend. Sluice does not enable interrupt
-//! remapping on VT-d yet, so its devices' MSIs are not isolated and the VM
-//! must allow that explicitly:
+//! The same session on the VT-d backend:
 //!
 //! ```
 //! use sluice_abi::{self as abi, map_flags};
-//! use sluice_hypervisor::iommufd::{FaultReason, VmConfig, VmId};
+//! use sluice_hypervisor::iommufd::{FaultReason, VmId};
 //! use sluice_hypervisor::testing::{
 //!     BackendKind, DeviceSetup, DmaOutcome, Platform, VmSetup, VtdFlavour,
 //! };
 //!
 //! let vm = VmId(1);
 //! let nic = abi::bdf(0, 0, 3, 0);
-//! let unsafe_msi = VmConfig { allow_unsafe_interrupts: true, ..Default::default() };
 //! let mut p = Platform::builder()
-//!     .vm(vm, VmSetup::new().ram(0, 16 << 20).config(unsafe_msi))
+//!     .vm(vm, VmSetup::new().ram(0, 16 << 20))
 //!     .device(DeviceSetup::new(vm, nic))
 //!     .build_any(BackendKind::Vtd(VtdFlavour::scalable()));
 //!

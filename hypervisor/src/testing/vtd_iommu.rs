@@ -6,9 +6,10 @@
 //! mode with ECAP.PASID/PSS, page sizes are CAP.SLLPS, the input width is
 //! CAP.MGAW/SAGAW. Devices whose capabilities (and test unit number) are
 //! equal share a unit; others get one each, because on VT-d these are
-//! properties of the unit, not of the device. What the backend then
-//! reports comes from the driver's decoding, not from the test's request
-//! (so interrupt remapping is always off: Sluice does not enable it yet).
+//! properties of the unit, not of the device. Units whose devices ask for
+//! interrupt remapping get ECAP.IR and have it enabled, as the boot code
+//! does. What the backend then reports comes from the driver's decoding of
+//! the registers and its own state, not from the test's request.
 //!
 //! A DMA goes through [`VtdModel::dma`]: through the model's context,
 //! PASID and IOTLB caches (so a forgotten invalidation shows up as a stale
@@ -31,7 +32,7 @@ use sluice_hal::{Mmio, PhysAddr};
 use sluice_iommu::vtd::model::{self, VtdModel};
 use sluice_iommu::vtd::regs;
 use sluice_iommu::vtd::walker::{DmaRequest, TranslationFault};
-use sluice_iommu::vtd::{CapBuilder, ModeRequest, VtdConfig, VtdUnit};
+use sluice_iommu::vtd::{CapBuilder, IrConfig, ModeRequest, VtdConfig, VtdUnit};
 use sluice_pci::Bdf;
 
 use super::TestIommu;
@@ -259,8 +260,8 @@ impl VtdModelIommu {
             coherent,
             qi: true,
             dt: false,
-            // The hardware may have it; the backend reports what Sluice
-            // enabled (nothing yet).
+            // Enabled after bring-up (`unit_for`); the backend reports
+            // whether it is on.
             ir: caps.interrupt_remapping,
             eim: false,
             pt: true,
@@ -307,8 +308,12 @@ impl VtdModelIommu {
             timeout_ns: 1_000_000,
             ..VtdConfig::new(n as u32, 0xfed9_0000 + 0x1000 * n as u64, HAW)
         };
-        let unit = VtdUnit::init(mmio, self.mem, self.clock, config)
+        let mut unit = VtdUnit::init(mmio, self.mem, self.clock, config)
             .unwrap_or_else(|e| panic!("VT-d model unit {n} did not come up: {e}"));
+        if caps.interrupt_remapping {
+            unit.enable_interrupt_remapping(IrConfig { x2apic: false })
+                .unwrap_or_else(|e| panic!("VT-d model unit {n}: interrupt remapping: {e}"));
+        }
         let index = self.backend.add_unit(unit);
         self.units.push(TestUnit {
             key,
