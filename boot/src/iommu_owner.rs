@@ -4,6 +4,15 @@
 //! Sluice (`VtdUnit<'static>`) and the hypervisor runtime can take the
 //! whole [`OwnedIommus`] by value.
 //!
+//! Fault events interrupt the boot CPU on
+//! [`IOMMU_FAULT_VECTOR`](sluice_kernel::arch::interrupts::IOMMU_FAULT_VECTOR):
+//! the handler empties each unit's fault registers into a static
+//! [`FaultMailbox`] (no logging, no allocation) and masks storms; the
+//! unit's `drain_faults` logs and attributes them. Sluice keeps interrupts
+//! disabled outside `interrupts::with_interrupts` windows, so until the
+//! runtime opens one the events stay pending and `drain_faults` (polling)
+//! still finds every fault.
+//!
 //! Who takes ownership: the normal boot path (the demo, and the guest
 //! runtime built on it) and the `vtd-ownership` scenario. The other QEMU
 //! scenarios deliberately do not: `edu-dma` is the untranslated baseline
@@ -18,11 +27,13 @@ extern crate alloc;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use log::info;
 use sluice_iommu::acpi::dmar::DmarFlags;
-use sluice_iommu::vtd::IrConfig;
 use sluice_iommu::vtd::ownership::{self, OwnershipConfig, UnitHardware};
+use sluice_iommu::vtd::{FaultEventMessage, FaultMailbox, IrConfig, StormPolicy};
+use sluice_kernel::arch::interrupts::{self, IOMMU_FAULT_VECTOR};
 use sluice_kernel::clock::KernelClock;
 use sluice_kernel::hw::{FrameDmaMemory, PhysMmio};
 use sluice_kernel::platform::Platform;
@@ -38,6 +49,85 @@ static CLOCK: KernelClock = KernelClock;
 /// mode.
 const IA32_APIC_BASE: u32 = 0x1b;
 const APIC_BASE_X2APIC: u64 = 1 << 10;
+
+/// Units whose fault events interrupt; further units are polled only.
+const FAULT_SLOTS: usize = 8;
+
+/// What the fault interrupt handler needs of one unit: its register
+/// window and the mailbox it shares with the unit.
+struct FaultSlot {
+    base: AtomicU64,
+    size: AtomicU64,
+    mailbox: FaultMailbox,
+}
+
+impl FaultSlot {
+    const fn new() -> Self {
+        Self {
+            base: AtomicU64::new(0),
+            size: AtomicU64::new(0),
+            mailbox: FaultMailbox::new(),
+        }
+    }
+}
+
+static FAULT_UNITS: [FaultSlot; FAULT_SLOTS] = [const { FaultSlot::new() }; FAULT_SLOTS];
+
+/// The fault-event interrupt handler: every unit with a slot empties its
+/// fault registers into its mailbox (a unit without faults only reads
+/// FSTS). The interrupts module sends EOI.
+fn fault_interrupt() {
+    let now = sluice_kernel::clock::now_ns().unwrap_or(0);
+    for slot in &FAULT_UNITS {
+        let base = slot.base.load(Ordering::Acquire);
+        if base == 0 {
+            continue;
+        }
+        // SAFETY: `base`/`size` were stored from the unit's DRHD when it
+        // was taken over; Sluice owns the unit.
+        let mmio = unsafe { PhysMmio::new(base, slot.size.load(Ordering::Relaxed)) };
+        slot.mailbox.service_interrupt(&mmio, now);
+    }
+}
+
+/// The mailbox unit `unit` (index in [`OwnedIommus::units`]) shares with
+/// the fault interrupt handler, if its faults interrupt.
+pub fn fault_mailbox(unit: usize) -> Option<&'static FaultMailbox> {
+    let slot = FAULT_UNITS.get(unit)?;
+    (slot.base.load(Ordering::Acquire) != 0).then_some(&slot.mailbox)
+}
+
+/// Routes every owned unit's fault events to this CPU's local APIC.
+fn enable_fault_interrupts(owned: &mut OwnedIommus, dmar: &sluice_iommu::acpi::dmar::Dmar) {
+    if let Err(e) = interrupts::register(IOMMU_FAULT_VECTOR, fault_interrupt) {
+        log::error!("iommu: no fault interrupt ({e}); faults are found by polling only");
+        return;
+    }
+    let apic_id = sluice_kernel::arch::smp::this_cpu_hw_id() as u32;
+    let message = FaultEventMessage::to_apic(apic_id, IOMMU_FAULT_VECTOR);
+    for (i, u) in owned.units.iter_mut().enumerate() {
+        let Some(slot) = FAULT_UNITS.get(i) else {
+            log::warn!(
+                "dmar{}: more than {FAULT_SLOTS} units; its faults are found by polling only",
+                u.drhd
+            );
+            continue;
+        };
+        let size = dmar.drhds.get(u.drhd).map_or(4096, |d| d.register_size());
+        slot.size.store(size, Ordering::Relaxed);
+        slot.base.store(u.register_base, Ordering::Release);
+        if let Err(e) = u
+            .unit
+            .enable_fault_interrupt(message, &slot.mailbox, StormPolicy::new())
+        {
+            slot.base.store(0, Ordering::Release);
+            log::error!(
+                "dmar{}: fault interrupt not enabled ({e}); its faults are found by polling only",
+                u.drhd
+            );
+        }
+    }
+}
 
 /// The local APIC mode Sluice runs in, which decides the remapping
 /// table's destination format.
@@ -85,6 +175,8 @@ pub fn take_ownership(platform: &'static Platform, map: &IommuMap) -> Result<Own
             dmar.drhds.len()
         ));
     }
+    let mut owned = owned;
+    enable_fault_interrupts(&mut owned, dmar);
     Ok(owned)
 }
 
@@ -145,6 +237,7 @@ pub fn scenario(platform: &'static Platform) -> Result<(), String> {
         .allocate_below(1, 4096, 1 << 28)
         .map_err(|e| format!("no DMA buffer: {e}"))?;
     let mut checked = 0;
+    let mut tested: Option<TestedEdu> = None;
     for topology in &pci.segments {
         for f in topology.functions.iter().filter(|f| crate::edu::is_edu(f)) {
             let index = match owned.status(f.addr) {
@@ -206,7 +299,21 @@ pub fn scenario(platform: &'static Platform) -> Result<(), String> {
                 f.addr
             );
             checked += 1;
+            if tested.is_none() {
+                tested = Some(TestedEdu {
+                    addr: f.addr,
+                    edu,
+                    bar0: (bar0.address, bar0.size),
+                    unit: index,
+                    source,
+                    msi: f.caps.msi,
+                });
+            }
         }
+    }
+    if let Some(edu) = &tested {
+        fault_interrupt_proof(&mut owned, edu, buffer)?;
+        remapped_msi_proof(&pci, &mut owned, edu)?;
     }
     platform
         .frames
@@ -228,4 +335,225 @@ fn fill(page: u64, value: u8) {
 fn untouched(page: u64, value: u8) -> bool {
     // SAFETY: as `fill`.
     (0..4096).all(|i| unsafe { ((page + i) as *const u8).read_volatile() } == value)
+}
+
+/// The edu the interrupt proofs use.
+struct TestedEdu {
+    addr: sluice_pci::PciAddress,
+    edu: crate::edu::Edu,
+    bar0: (u64, u64),
+    /// Index in `OwnedIommus::units`.
+    unit: usize,
+    source: sluice_pci::Bdf,
+    msi: Option<sluice_pci::caps::MsiCap>,
+}
+
+fn wait_for(timeout_ns: u64, done: impl Fn() -> bool) -> bool {
+    sluice_hal::poll_until(&CLOCK, timeout_ns, || done().then_some(())).is_ok()
+}
+
+/// A blocked DMA raises the unit's fault interrupt; the handler empties
+/// the fault registers into the mailbox, where `drain_faults` finds the
+/// record with the edu's source ID.
+fn fault_interrupt_proof(
+    owned: &mut OwnedIommus,
+    t: &TestedEdu,
+    buffer: u64,
+) -> Result<(), String> {
+    let mailbox = fault_mailbox(t.unit).ok_or("the unit's fault interrupt is not enabled")?;
+    let unit = &mut owned
+        .units
+        .get_mut(t.unit)
+        .ok_or("unit index out of range")?
+        .unit;
+    if !unit.fault_interrupt_enabled() {
+        return Err(String::from("the unit's fault interrupt is masked"));
+    }
+    // Take what the polled checks above left pending in the local APIC.
+    interrupts::with_interrupts(|| sluice_kernel::clock::delay_ns(10_000_000));
+    unit.drain_faults();
+    let before = mailbox.interrupts();
+    fill(buffer, 0x5a);
+    let dma = interrupts::with_interrupts(|| {
+        let dma = t.edu.dma(crate::edu::Direction::ToRam, buffer, 0, 512);
+        wait_for(1_000_000_000, || mailbox.interrupts() > before);
+        dma
+    });
+    dma?;
+    let taken = mailbox.interrupts() - before;
+    let queued = mailbox.pending();
+    if taken == 0 {
+        return Err(format!(
+            "edu {}: its blocked DMA raised no fault interrupt",
+            t.addr
+        ));
+    }
+    if queued == 0 {
+        return Err(String::from(
+            "the fault interrupt handler ran but queued no fault record",
+        ));
+    }
+    let drain = unit.drain_faults();
+    let fault = drain
+        .faults
+        .iter()
+        .map(|a| a.record)
+        .find(|r| r.source == t.source && r.address == buffer)
+        .ok_or_else(|| format!("no queued fault from {} (got {:?})", t.source, drain.faults))?;
+    if !untouched(buffer, 0x5a) {
+        return Err(String::from("blocked DMA changed memory"));
+    }
+    info!(
+        "vtd-ownership: fault interrupt taken {taken} time(s) on vector {IOMMU_FAULT_VECTOR:#x}; \
+         the handler queued {queued} record(s): {fault}; {} unexpected, {} spurious interrupts",
+        interrupts::unexpected_interrupts(),
+        interrupts::spurious_interrupts()
+    );
+    Ok(())
+}
+
+/// edu's MSIs counted by their handler.
+static EDU_MSIS: AtomicU64 = AtomicU64::new(0);
+const EDU_MSI_VECTOR: u8 = 0xe1;
+/// edu registers (QEMU's edu specification): writing the raise register
+/// sets interrupt status bits and sends the MSI; acknowledge clears them.
+const EDU_RAISE: usize = 0x60;
+const EDU_ACK: usize = 0x64;
+
+fn edu_msi() {
+    EDU_MSIS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Points edu's MSI capability at `address`/`data` and enables it (one
+/// vector).
+fn program_msi(
+    pci: &crate::pci::Pci,
+    addr: sluice_pci::PciAddress,
+    msi: sluice_pci::caps::MsiCap,
+    address: u32,
+    data: u16,
+    enable: bool,
+) -> Result<(), String> {
+    use sluice_pci::ConfigSpace;
+    let e = |e| format!("config space of {addr}: {e:?}");
+    let cap = msi.offset;
+    pci.ecam.write32(addr, cap + 4, address).map_err(e)?;
+    let data_at = if msi.is_64bit {
+        pci.ecam.write32(addr, cap + 8, 0).map_err(e)?;
+        cap + 12
+    } else {
+        cap + 8
+    };
+    pci.ecam.write16(addr, data_at, data).map_err(e)?;
+    let control = pci.ecam.read16(addr, cap + 2).map_err(e)?;
+    // Message Control: enable bit 0; multiple message enable (6:4) 0,
+    // one vector.
+    let control = (control & !0x71) | u16::from(enable);
+    pci.ecam.write16(addr, cap + 2, control).map_err(e)
+}
+
+/// With interrupt remapping on, edu's MSI in remappable format reaches the
+/// CPU through the entry Sluice installed (destination, vector, source
+/// check), and faults once the entry is cleared.
+fn remapped_msi_proof(
+    pci: &crate::pci::Pci,
+    owned: &mut OwnedIommus,
+    t: &TestedEdu,
+) -> Result<(), String> {
+    use sluice_iommu::vtd::{RemappableMsi, RemappedInterrupt};
+    let unit = &mut owned
+        .units
+        .get_mut(t.unit)
+        .ok_or("unit index out of range")?
+        .unit;
+    if !unit.interrupt_remapping_enabled() {
+        info!("vtd-ownership: interrupt remapping is off; no remapped-MSI check");
+        return Ok(());
+    }
+    let msi = t
+        .msi
+        .ok_or_else(|| format!("edu {} has no MSI capability", t.addr))?;
+    interrupts::register(EDU_MSI_VECTOR, edu_msi).map_err(|e| format!("{e}"))?;
+    let apic_id = sluice_kernel::arch::smp::this_cpu_hw_id() as u32;
+    let entry = unit
+        .free_interrupt_entry()
+        .ok_or("no free interrupt remapping entry")?;
+    unit.set_interrupt_entry(
+        entry,
+        &RemappedInterrupt::fixed(apic_id, EDU_MSI_VECTOR, t.source),
+    )
+    .map_err(|e| format!("installing entry {entry}: {e}"))?;
+    let message = RemappableMsi::for_entry(entry);
+    program_msi(pci, t.addr, msi, message.address, message.data as u16, true)?;
+    // SAFETY: BAR 0 of the edu is its register block.
+    let registers = unsafe { PhysMmio::new(t.bar0.0, t.bar0.1) };
+    let raise = |registers: &PhysMmio| {
+        use sluice_hal::Mmio;
+        registers.write32(EDU_RAISE, 1);
+    };
+    let before = EDU_MSIS.load(Ordering::Relaxed);
+    let delivered = interrupts::with_interrupts(|| {
+        raise(&registers);
+        wait_for(500_000_000, || EDU_MSIS.load(Ordering::Relaxed) > before)
+    });
+    {
+        use sluice_hal::Mmio;
+        registers.write32(EDU_ACK, 1);
+    }
+    if !delivered {
+        program_msi(pci, t.addr, msi, 0, 0, false)?;
+        return Err(format!(
+            "edu {}: its MSI through remapping entry {entry} never reached vector {EDU_MSI_VECTOR:#x}",
+            t.addr
+        ));
+    }
+    info!(
+        "vtd-ownership: edu {} MSI (remappable format, handle {entry}) delivered to APIC {apic_id} \
+         vector {EDU_MSI_VECTOR:#x} through the remapping table",
+        t.addr
+    );
+    // The same MSI goes nowhere when the entry names another requester,
+    // or once the entry is cleared.
+    let not_delivered = |what: &str| -> Result<(), String> {
+        let before = EDU_MSIS.load(Ordering::Relaxed);
+        interrupts::with_interrupts(|| {
+            raise(&registers);
+            sluice_kernel::clock::delay_ns(200_000_000);
+        });
+        {
+            use sluice_hal::Mmio;
+            registers.write32(EDU_ACK, 1);
+        }
+        if EDU_MSIS.load(Ordering::Relaxed) != before {
+            return Err(format!("edu {}: an MSI {what} was delivered", t.addr));
+        }
+        Ok(())
+    };
+    let impostor = sluice_pci::Bdf::from_requester_id(t.source.requester_id() ^ 0x8);
+    unit.set_interrupt_entry(
+        entry,
+        &RemappedInterrupt::fixed(apic_id, EDU_MSI_VECTOR, impostor),
+    )
+    .map_err(|e| format!("retargeting entry {entry}: {e}"))?;
+    not_delivered("through an entry for another requester")?;
+    info!(
+        "vtd-ownership: with entry {entry} accepting only {impostor}, the MSI from {} was blocked",
+        t.source
+    );
+    unit.clear_interrupt_entry(entry)
+        .map_err(|e| format!("clearing entry {entry}: {e}"))?;
+    let result = not_delivered("through a cleared entry");
+    program_msi(pci, t.addr, msi, 0, 0, false)?;
+    result?;
+    let recorded = unit.drain_faults();
+    info!(
+        "vtd-ownership: with entry {entry} cleared the MSI was blocked ({} fault record(s): {:?})",
+        recorded.faults.len(),
+        recorded
+            .faults
+            .iter()
+            .map(|f| f.record.reason)
+            .collect::<alloc::vec::Vec<_>>()
+    );
+    Ok(())
 }

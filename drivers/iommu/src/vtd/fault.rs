@@ -203,51 +203,82 @@ pub struct RawDrain {
 }
 
 /// Reads every pending fault record once, starting at FSTS.FRI, clears each
-/// (F is write-1-to-clear), then clears PFO. At most CAP.NFR + 1 registers
-/// are read, so a fault storm cannot keep the caller here; at most
-/// `log_limit` records are logged, the rest only counted.
-pub fn drain_records(
+/// (F is write-1-to-clear), then clears PFO; `sink` gets each record as
+/// `(index, low, high)`. At most `record_count` registers are read, so a
+/// fault storm cannot keep the caller here. Nothing is logged or
+/// allocated: the fault-event interrupt handler uses this too. Returns
+/// whether PFO was set (faults were lost).
+pub fn read_records(
     mmio: &dyn Mmio,
-    caps: &VtdCapabilities,
-    unit: u32,
-    log_limit: usize,
-) -> RawDrain {
-    let mut out = RawDrain::default();
+    record_offset: usize,
+    record_count: u32,
+    mut sink: impl FnMut(u16, u64, u64),
+) -> bool {
     let status = regs::FSTS.read(mmio);
-    let count = caps.fault_record_count as usize;
+    let count = record_count as usize;
     if status & fsts::PPF != 0 && count > 0 {
         let first = ((status & fsts::FRI_MASK) >> fsts::FRI_SHIFT) as usize % count;
         for step in 0..count {
             let index = (first + step) % count;
-            let (low_reg, high_reg) = regs::fault_record(caps.fault_record_offset, index);
+            let (low_reg, high_reg) = regs::fault_record(record_offset, index);
             let high = high_reg.read(mmio);
             if high & frcd::F == 0 {
                 continue;
             }
             let low = low_reg.read(mmio);
             high_reg.write(mmio, frcd::F);
-            if let Some(record) = FaultRecord::decode(index as u16, low, high) {
-                if out.records.len() < log_limit {
-                    log::warn!("vtd{unit}: {record}");
-                } else {
-                    out.suppressed_logs += 1;
-                }
-                out.records.push(record);
-            }
+            sink(index as u16, low, high);
         }
     }
-    if status & fsts::PFO != 0 {
-        out.overflowed = true;
+    let overflowed = status & fsts::PFO != 0;
+    if overflowed {
         regs::FSTS.write(mmio, fsts::PFO);
+    }
+    overflowed
+}
+
+/// Logs `records` (at most `log_limit` of them, the rest only counted) and
+/// an overflow; returns the number not logged.
+pub fn log_records(
+    unit: u32,
+    records: &[FaultRecord],
+    overflowed: bool,
+    log_limit: usize,
+) -> usize {
+    for record in records.iter().take(log_limit) {
+        log::warn!("vtd{unit}: {record}");
+    }
+    if overflowed {
         log::warn!("vtd{unit}: fault-recording registers overflowed; some faults were lost");
     }
-    if out.suppressed_logs > 0 {
-        log::warn!(
-            "vtd{unit}: {} more DMA faults not logged (rate limit)",
-            out.suppressed_logs
-        );
+    let suppressed = records.len().saturating_sub(log_limit);
+    if suppressed > 0 {
+        log::warn!("vtd{unit}: {suppressed} more DMA faults not logged (rate limit)");
     }
-    out
+    suppressed
+}
+
+/// [`read_records`] with the records decoded and logged (at most
+/// `log_limit` of them, the rest only counted).
+pub fn drain_records(
+    mmio: &dyn Mmio,
+    caps: &VtdCapabilities,
+    unit: u32,
+    log_limit: usize,
+) -> RawDrain {
+    let mut records = Vec::new();
+    let overflowed = read_records(
+        mmio,
+        caps.fault_record_offset,
+        caps.fault_record_count,
+        |index, low, high| records.extend(FaultRecord::decode(index, low, high)),
+    );
+    let suppressed_logs = log_records(unit, &records, overflowed, log_limit);
+    RawDrain {
+        records,
+        overflowed,
+        suppressed_logs,
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //!   map and unmap with exactly the invalidation each change needs, RMRR
 //!   identity maps, fault draining with per-domain queues;
 //! * [`fault`]: fault-record decoding and the bounded, rate-limited drain;
+//! * [`fault_event`]: fault events by interrupt: the message, and the
+//!   mailbox the interrupt handler drains into, with storm masking;
 //! * [`intremap`]: interrupt remapping: the table, IRTA/SIRTP/IRE/CFI,
 //!   remapped entries with source-ID checks and entry-cache invalidation;
 //! * [`walker`]: an independent translation walker (root → context →
@@ -43,6 +45,7 @@ pub mod structs;
 pub use caps::{CapBuilder, VtdCapabilities};
 pub mod error;
 pub mod fault;
+pub mod fault_event;
 pub mod intremap;
 mod invalidation;
 pub mod model;
@@ -52,13 +55,14 @@ pub mod walker;
 
 pub use error::VtdError;
 pub use fault::{AccessKind, FaultClass, FaultReason, FaultRecord};
+pub use fault_event::{FaultEventMessage, FaultMailbox, StormPolicy};
 pub use intremap::{
     DeliveryMode, IrConfig, Irte, RemappableMsi, RemappedInterrupt, SidQualifier, SourceValidation,
     TriggerMode,
 };
 pub use unit::{
     AtsConfig, AttributedFault, DomainConfig, DomainId, DomainInfo, DomainKind, DomainShape,
-    FaultDrain, ModeRequest, TranslationMode, VtdConfig, VtdUnit,
+    FaultDrain, ModeRequest, RID_PASID, TranslationMode, VtdConfig, VtdUnit,
 };
 
 #[cfg(test)]

@@ -134,6 +134,12 @@ pub enum ModelEvent {
     DeviceTlbTimeout {
         sid: u16,
     },
+    /// The unit wrote its fault-event message (FEADDR/FEUADDR/FEDATA).
+    FaultInterrupt {
+        address: u32,
+        upper_address: u32,
+        data: u32,
+    },
 }
 
 /// A fault for [`VtdModel::inject_fault`].
@@ -397,6 +403,29 @@ impl<'m> VtdModel<'m> {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Fault-event interrupts sent, oldest first: (address, upper
+    /// address, data).
+    pub fn fault_interrupts(&self) -> Vec<(u32, u32, u32)> {
+        self.state
+            .borrow()
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                ModelEvent::FaultInterrupt {
+                    address,
+                    upper_address,
+                    data,
+                } => Some((*address, *upper_address, *data)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// FECTL as software reads it (IM, IP).
+    pub fn fault_event_control(&self) -> u32 {
+        self.state.borrow().fectl
     }
 
     /// Raw GCMD writes, oldest first.
@@ -870,7 +899,10 @@ impl<'m> VtdModel<'m> {
         }
         let index = st.next_record % n;
         if st.records[index][1] & regs::frcd::F != 0 {
-            st.fsts |= fsts::PFO;
+            if st.fsts & fsts::PFO == 0 {
+                st.fsts |= fsts::PFO;
+                Self::fault_event(st);
+            }
             return;
         }
         let pending_before = st.records.iter().any(|r| r[1] & regs::frcd::F != 0);
@@ -888,6 +920,30 @@ impl<'m> VtdModel<'m> {
             st.fsts = (st.fsts & !fsts::FRI_MASK) | ((index as u32) << fsts::FRI_SHIFT);
         }
         st.next_record = (index + 1) % n;
+        if !pending_before {
+            Self::fault_event(st);
+        }
+    }
+
+    /// A fault status went 0 → 1 (7.4.1): the unit writes the fault-event
+    /// message, or with FECTL.IM set notes it in FECTL.IP.
+    fn fault_event(st: &mut State) {
+        if st.fectl & regs::event_control::IM != 0 {
+            st.fectl |= regs::event_control::IP;
+            return;
+        }
+        Self::send_fault_interrupt(st);
+    }
+
+    fn send_fault_interrupt(st: &mut State) {
+        let reg = |o: usize| st.plain32.get(&o).copied().unwrap_or(0);
+        let message = ModelEvent::FaultInterrupt {
+            address: reg(0x40),
+            upper_address: reg(0x44),
+            data: reg(0x3c),
+        };
+        st.fectl &= !regs::event_control::IP;
+        st.events.push(message);
     }
 
     fn read_fsts(&self, st: &State) -> u32 {
@@ -1375,7 +1431,14 @@ impl Mmio for VtdModel<'_> {
                     self.process_queue(&mut st);
                 }
             }
-            0x38 => st.fectl = value & regs::event_control::IM,
+            0x38 => {
+                let pending = st.fectl & regs::event_control::IP;
+                st.fectl = (value & regs::event_control::IM) | pending;
+                // Unmasking with an event pending sends it (11.4.7.2).
+                if value & regs::event_control::IM == 0 && pending != 0 {
+                    Self::send_fault_interrupt(&mut st);
+                }
+            }
             0x9c => st.ics &= !(value & regs::queue::ICS_IWC),
             0x3c | 0x40 | 0x44 | 0x64 | 0x68 | 0x6c | 0xa0 | 0xa4 | 0xa8 | 0xac => {
                 st.plain32.insert(offset, value);

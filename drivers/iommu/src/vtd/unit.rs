@@ -14,6 +14,7 @@ use super::descriptors::{
 };
 use super::error::VtdError;
 use super::fault::{self, FaultRecord};
+use super::fault_event::{FaultEventMessage, FaultMailbox, StormPolicy};
 use super::invalidation::{Hw, InvalidationQueue, Invalidator};
 use super::regs::{self, global, queue, rtaddr};
 use super::structs::{
@@ -291,6 +292,9 @@ pub struct VtdUnit<'a> {
     quarantine: Vec<PendingFree>,
     /// The interrupt remapping table, once remapping is on.
     pub(super) ir: Option<super::intremap::IrTable>,
+    /// Shared with the fault-event interrupt handler, once fault
+    /// interrupts are on.
+    fault_mailbox: Option<&'a FaultMailbox>,
 }
 
 impl<'a> VtdUnit<'a> {
@@ -356,6 +360,7 @@ impl<'a> VtdUnit<'a> {
             rmrr_domains: BTreeMap::new(),
             quarantine: Vec::new(),
             ir: None,
+            fault_mailbox: None,
         };
         unit.take_over()?;
         Ok(unit)
@@ -1559,16 +1564,131 @@ impl<'a> VtdUnit<'a> {
 
     // ---- faults ---------------------------------------------------------------
 
-    /// Drains the fault-recording registers once (bounded: CAP.NFR + 1
-    /// reads), attributes each fault to the domain its RID (or RID + PASID)
-    /// is attached to, and queues it there for the domain's owner.
-    pub fn drain_faults(&mut self) -> FaultDrain {
-        let raw = fault::drain_records(
-            self.mmio,
-            &self.caps,
+    fn drain_with_mailbox(&self, mailbox: &FaultMailbox) -> fault::RawDrain {
+        let hw = self.hw();
+        // The handler holds the mailbox only while it empties the
+        // registers (another CPU): wait for it, bounded.
+        if hw
+            .wait("the fault interrupt handler", || mailbox.try_lock())
+            .is_err()
+        {
+            log::error!(
+                "vtd{}: the fault interrupt handler held the fault registers too long; \
+                 faults stay queued for the next drain",
+                self.config.index
+            );
+            return fault::RawDrain::default();
+        }
+        let mut records = Vec::new();
+        let (mut overflowed, mut dropped) = mailbox.collect_locked(self.mmio, &mut records);
+        mailbox.unlock();
+        // An interrupt that found the mailbox held left its faults in the
+        // registers, where they keep PPF set (no further interrupt): one
+        // more pass picks them up.
+        if mailbox.take_deferred() && mailbox.try_lock() {
+            let (o, d) = mailbox.collect_locked(self.mmio, &mut records);
+            mailbox.unlock();
+            overflowed |= o;
+            dropped += d;
+        }
+        if dropped > 0 {
+            log::warn!(
+                "vtd{}: {dropped} faults drained by the interrupt handler were lost (mailbox full)",
+                self.config.index
+            );
+        }
+        let overflowed = overflowed || dropped > 0;
+        let suppressed_logs = fault::log_records(
             self.config.index,
+            &records,
+            overflowed,
             self.config.fault_log_limit,
         );
+        if mailbox.rearm(self.mmio, self.clock.now_ns()) {
+            log::warn!(
+                "vtd{}: fault interrupt unmasked again after a storm ({} storms so far)",
+                self.config.index,
+                mailbox.storms()
+            );
+        }
+        fault::RawDrain {
+            records,
+            overflowed,
+            suppressed_logs,
+        }
+    }
+
+    /// Routes fault events to an interrupt (7.4.1): FEDATA/FEADDR (and
+    /// FEUADDR on x2APIC-capable units) get `message`, the mailbox is
+    /// shared with the handler (which must call
+    /// [`FaultMailbox::service_interrupt`] and send EOI), and FECTL.IM is
+    /// cleared. A fault already pending interrupts at once.
+    pub fn enable_fault_interrupt(
+        &mut self,
+        message: FaultEventMessage,
+        mailbox: &'a FaultMailbox,
+        policy: StormPolicy,
+    ) -> Result<(), VtdError> {
+        if message.upper_address != 0 && !self.caps.extended_interrupt_mode {
+            return Err(VtdError::InvalidConfig(
+                "a destination above 255 needs ECAP.EIM (FEUADDR)",
+            ));
+        }
+        if policy.max_interrupts == 0 {
+            return Err(VtdError::InvalidConfig(
+                "a storm policy allowing no interrupt",
+            ));
+        }
+        regs::FECTL.write(self.mmio, regs::event_control::IM);
+        mailbox.attach(
+            self.caps.fault_record_offset,
+            self.caps.fault_record_count,
+            policy,
+        );
+        regs::FEDATA.write(self.mmio, message.data);
+        regs::FEADDR.write(self.mmio, message.address);
+        if self.caps.extended_interrupt_mode {
+            regs::FEUADDR.write(self.mmio, message.upper_address);
+        }
+        self.fault_mailbox = Some(mailbox);
+        regs::FECTL.write(self.mmio, 0);
+        log::info!(
+            "vtd{}: fault events interrupt vector {:#x} at {:#x}",
+            self.config.index,
+            message.data & 0xff,
+            message.address
+        );
+        Ok(())
+    }
+
+    /// Masks the fault-event interrupt again; faults are found by polling
+    /// [`VtdUnit::drain_faults`] only.
+    pub fn disable_fault_interrupt(&mut self) {
+        regs::FECTL.write(self.mmio, regs::event_control::IM);
+        self.fault_mailbox = None;
+    }
+
+    /// Whether fault events interrupt (and are not storm-masked right now).
+    pub fn fault_interrupt_enabled(&self) -> bool {
+        self.fault_mailbox.is_some_and(|m| !m.storm_masked())
+    }
+
+    /// Drains the fault-recording registers once (bounded: CAP.NFR + 1
+    /// reads), together with what the fault interrupt handler queued, logs
+    /// them (rate-limited), attributes each fault to the domain its RID (or
+    /// RID + PASID) is attached to, and queues it there for the domain's
+    /// owner. A storm-masked fault interrupt is unmasked once its window
+    /// has passed.
+    pub fn drain_faults(&mut self) -> FaultDrain {
+        let raw = match self.fault_mailbox {
+            None => fault::drain_records(
+                self.mmio,
+                &self.caps,
+                self.config.index,
+                self.config.fault_log_limit,
+            ),
+            Some(mailbox) => self.drain_with_mailbox(mailbox),
+        };
         let mut out = FaultDrain {
             faults: Vec::with_capacity(raw.records.len()),
             overflowed: raw.overflowed,
@@ -1578,7 +1698,11 @@ impl<'a> VtdUnit<'a> {
         for record in raw.records {
             let sid = record.source.requester_id();
             let did = self.devices.get(&sid).and_then(|dev| match record.pasid {
-                Some(p) if self.mode == TranslationMode::Scalable => dev.pasids.get(&p).copied(),
+                // A record may name RID_PASID for a request without PASID
+                // (QEMU's unit does): that is the RID's domain.
+                Some(p) if self.mode == TranslationMode::Scalable && p != RID_PASID => {
+                    dev.pasids.get(&p).copied()
+                }
                 _ => dev.rid_domain,
             });
             if let Some(d) = did.and_then(|d| self.domains.get_mut(&d)) {

@@ -270,6 +270,22 @@ pub fn load() {
     unsafe { asm!("lidt [{}]", in(reg) &pointer, options(nostack, preserves_flags)) };
 }
 
+/// Points external-interrupt vector `vector` (32-255) at `handler`, a
+/// 64-bit interrupt gate on the current stack, for [`super::interrupts`].
+/// Exception vectors are left alone.
+pub(super) fn set_interrupt_gate(vector: u8, handler: u64) {
+    if vector < 32 {
+        return;
+    }
+    // SAFETY: the IDT is static; the gate is written before anything can
+    // raise its vector (the interrupts module installs each gate once,
+    // before registering a handler or enabling interrupts).
+    unsafe {
+        let idt_ptr = &raw mut IDT;
+        (*idt_ptr)[usize::from(vector)] = Gate::interrupt(handler, 0);
+    }
+}
+
 /// The mnemonic and name of an exception vector (Intel SDM vol. 3, table 6-1).
 pub fn vector_name(vector: u64) -> (&'static str, &'static str) {
     match vector {

@@ -2,6 +2,7 @@
 
 pub mod exceptions;
 pub mod gdt;
+pub mod interrupts;
 pub mod lapic;
 pub mod paging;
 pub mod smp;

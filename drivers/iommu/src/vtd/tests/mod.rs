@@ -3,6 +3,7 @@
 mod accounting;
 mod attach;
 mod bringup;
+mod fault_event;
 mod faults;
 mod intremap;
 mod invalidation;
