@@ -114,6 +114,19 @@ fn enable_fault_interrupts(owned: &mut OwnedIommus, dmar: &sluice_iommu::acpi::d
             continue;
         };
         let size = dmar.drhds.get(u.drhd).map_or(4096, |d| d.register_size());
+        // The handler must never touch a register outside the window:
+        // PhysMmio would log that, and logging in interrupt context can
+        // deadlock on the console.
+        let caps = u.unit.capabilities();
+        let records_end = caps.fault_record_offset as u64 + 16 * u64::from(caps.fault_record_count);
+        if records_end > size {
+            log::error!(
+                "dmar{}: fault-recording registers end at {records_end:#x}, beyond its {size:#x}-byte \
+                 window; its faults are found by polling only",
+                u.drhd
+            );
+            continue;
+        }
         slot.size.store(size, Ordering::Relaxed);
         slot.base.store(u.register_base, Ordering::Release);
         if let Err(e) = u
