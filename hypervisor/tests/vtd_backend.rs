@@ -16,7 +16,7 @@ use sluice_hypervisor::iommufd::{
     VtdDevice,
 };
 use sluice_hypervisor::testing::{DeviceSetup, Platform, VmSetup, VtdFlavour};
-use sluice_iommu::vtd::model::{Stuck, VtdModel};
+use sluice_iommu::vtd::model::{InjectedFault, Stuck, VtdModel};
 use sluice_iommu::vtd::walker::{self, DmaRequest, TranslationFault};
 use sluice_iommu::vtd::{CapBuilder, IrConfig, ModeRequest, VtdConfig, VtdUnit};
 use sluice_pci::Bdf;
@@ -610,6 +610,54 @@ fn pasid_faults_carry_the_pasid_and_scalable_reasons_decode() {
     b.attach(DEV, Some(9), AttachTarget::Blocking).unwrap();
     assert_eq!(b.attachment(DEV, Some(9)), AttachTarget::Blocking);
     assert!(m.dma(read(RID, 0x1000).with_pasid(9)).is_err());
+}
+
+#[test]
+fn a_fault_record_naming_rid_pasid_is_a_rid_fault() {
+    let mem = ModelMemory::new();
+    let clock = ModelClock::new(1_000);
+    let m = VtdModel::new(&mem, CapBuilder::server(), HAW);
+    let mut b = VtdBackend::new();
+    let u = b.add_unit(unit(&m, &mem, &clock, ModeRequest::Scalable));
+    b.add_device(DEV, device(u, RID)).unwrap();
+    let mut budget = PageBudget::new(100);
+    let dom = b
+        .domain_alloc(DEV, DomainConfig::default(), &mut budget)
+        .unwrap();
+    b.map(
+        dom,
+        0x1000,
+        PhysAddr::new(0x10_0000),
+        0x1000,
+        RO,
+        true,
+        &mut budget,
+    )
+    .unwrap();
+    b.attach(DEV, None, AttachTarget::Domain(dom)).unwrap();
+    // Some units (QEMU's) record a request without PASID that faulted in
+    // the RID_PASID entry's table with PASID 0: a write to a read-only
+    // page and a read of an unmapped one.
+    for (addr, write) in [(0x1000, true), (0x5000, false)] {
+        m.inject_fault(InjectedFault {
+            sid: RID.requester_id(),
+            addr,
+            reason: if write { 0x81 } else { 0x82 },
+            write,
+            pasid: Some(0),
+        });
+    }
+    let faults: Vec<(Option<u32>, u64, FaultReason)> = drain(&mut b)
+        .iter()
+        .map(|f| (f.pasid, f.iova, f.reason))
+        .collect();
+    assert_eq!(
+        faults,
+        vec![
+            (None, 0x1000, FaultReason::Permission),
+            (None, 0x5000, FaultReason::NotPresent),
+        ]
+    );
 }
 
 struct Resets {

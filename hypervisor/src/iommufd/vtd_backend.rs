@@ -925,7 +925,10 @@ impl IommuBackend for VtdBackend<'_> {
                 }
                 sink(DmaFault {
                     device,
-                    pasid: r.pasid,
+                    // Requests without a PASID run through the RID_PASID
+                    // entry in scalable mode, and some units (QEMU's) report
+                    // their faults with that PASID: they are RID faults.
+                    pasid: r.pasid.filter(|&p| p != vtd::unit::RID_PASID),
                     iova: r.address,
                     write: r.access == vtd::AccessKind::Write,
                     reason,
