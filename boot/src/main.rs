@@ -21,6 +21,8 @@ mod smp_scenario;
 #[cfg(target_os = "uefi")]
 mod uefi_entry;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
+mod vmm;
+#[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
 mod vtd_dma;
 
 #[cfg(not(target_os = "uefi"))]

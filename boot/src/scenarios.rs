@@ -70,6 +70,12 @@ const SCENARIOS: &[Scenario] = &[
         what: "every DRHD taken over at once: capabilities logged, every edu's DMA blocked with its own source ID",
         run: crate::iommu_owner::scenario,
     },
+    #[cfg(target_arch = "x86_64")]
+    Scenario {
+        name: "guests",
+        what: "the vm= guests run under SVM with nested paging and drive their edu DMA through the iommufd hypercalls and VT-d; every step they report and the host-side isolation checks must pass",
+        run: crate::vmm::scenario::run,
+    },
     Scenario {
         name: "smp",
         what: "every CPU the MADT lists starts, reports its identity, counts under a shared spin lock and runs jobs (x86_64: with SVM enabled on it)",

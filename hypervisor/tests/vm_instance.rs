@@ -16,8 +16,8 @@ use sluice_hypervisor::iommufd::{
 };
 use sluice_hypervisor::testing::MockIommu;
 use sluice_hypervisor::vcpu::{
-    EntryState, Event, Exit, GuestRegisters, InstructionLength, TranslationState, VcpuBackend,
-    VcpuError, VcpuExit, gpr,
+    AccessSize, EntryState, Event, Exit, GuestRegisters, InstructionLength, IoDirection, PortIo,
+    TranslationState, VcpuBackend, VcpuError, VcpuExit, gpr,
 };
 use sluice_hypervisor::vm::config::{AssignedPci, ValidVm, VmConfig as VmDescription};
 use sluice_hypervisor::vm::exits::{CpuidSource, StopReason};
@@ -122,9 +122,15 @@ struct Script {
 
 #[derive(Clone, Copy)]
 enum Step {
-    Hypercall { command: u64 },
+    Hypercall {
+        command: u64,
+    },
+    /// `OUT 0xe9, AL`.
+    Console(u8),
     Wbinvd,
-    Hlt { interrupts: bool },
+    Hlt {
+        interrupts: bool,
+    },
     Cpuid,
     Fail,
 }
@@ -160,6 +166,17 @@ impl VcpuBackend for Script {
                 )
             }
             Step::Wbinvd => (VcpuExit::Wbinvd, 2),
+            Step::Console(byte) => (
+                VcpuExit::PortIo(PortIo {
+                    port: 0xe9,
+                    size: AccessSize::Byte,
+                    direction: IoDirection::Out,
+                    string: false,
+                    rep: false,
+                    value: u32::from(byte),
+                }),
+                2,
+            ),
             Step::Hlt { interrupts } => {
                 self.regs.rflags = if interrupts { 0x202 } else { 0x2 };
                 (VcpuExit::Hlt, 1)
@@ -209,6 +226,7 @@ impl VcpuBackend for Script {
 
 struct Host {
     flushes: u32,
+    lines: Vec<String>,
 }
 
 impl CpuidSource for Host {
@@ -223,6 +241,9 @@ impl RunHost for Host {
     }
     fn flush_caches(&mut self) {
         self.flushes += 1;
+    }
+    fn console_line(&mut self, vm: &str, line: &str) {
+        self.lines.push(format!("{vm}: {line}"));
     }
 }
 
@@ -430,7 +451,10 @@ fn bus_mastering_follows_bind_and_unbind() {
         regs: GuestRegisters::default(),
     };
     script.create_vcpu(&vm.entry).unwrap();
-    let mut host = Host { flushes: 0 };
+    let mut host = Host {
+        flushes: 0,
+        lines: Vec::new(),
+    };
     // One exit allowed: the bind runs, then the budget ends the run.
     let end = run_vcpu(&mut vm, &mut script, &mut (), &mut w.iommufd, &mut host, 1);
     assert_eq!(end, RunEnd::ExitLimit);
@@ -477,7 +501,10 @@ fn faults_reach_the_queue_before_the_guest_reads_it() {
         regs: GuestRegisters::default(),
     };
     script.create_vcpu(&vm.entry).unwrap();
-    let mut host = Host { flushes: 0 };
+    let mut host = Host {
+        flushes: 0,
+        lines: Vec::new(),
+    };
     run_vcpu(&mut vm, &mut script, &mut (), &mut w.iommufd, &mut host, 1);
     let dev_id = get::<abi::DeviceBind>(&vm.ram).out_dev_id;
     let hwpt = w
@@ -523,7 +550,10 @@ fn faults_reach_the_queue_before_the_guest_reads_it() {
 #[test]
 fn wbinvd_follows_the_policy_and_runs_end_cleanly() {
     let (mut w, mut vm) = registered();
-    let mut host = Host { flushes: 0 };
+    let mut host = Host {
+        flushes: 0,
+        lines: Vec::new(),
+    };
     // No device attached: guest WBINVD is a no-op.
     let mut script = Script {
         steps: vec![Step::Wbinvd, Step::Cpuid, Step::Hlt { interrupts: false }],
@@ -579,4 +609,37 @@ fn device_ids_pack_segment_and_requester_id() {
         device_id(PciAddress::new(2, 0x80, 1, 2)),
         DeviceId(0x2_8000 | 0xa)
     );
+}
+
+#[test]
+fn console_lines_reach_the_host_as_they_complete() {
+    let (mut w, mut vm) = registered();
+    let mut host = Host {
+        flushes: 0,
+        lines: Vec::new(),
+    };
+    let mut script = Script {
+        steps: b"GUEST-READY\nab"
+            .iter()
+            .map(|&b| Step::Console(b))
+            .chain([Step::Hlt { interrupts: false }])
+            .collect(),
+        regs: GuestRegisters::default(),
+    };
+    script.create_vcpu(&vm.entry).unwrap();
+    assert_eq!(
+        run_vcpu(
+            &mut vm,
+            &mut script,
+            &mut (),
+            &mut w.iommufd,
+            &mut host,
+            100
+        ),
+        RunEnd::Finished
+    );
+    // The unterminated "ab" is not a line yet.
+    assert_eq!(host.lines, ["guest0: GUEST-READY"]);
+    assert_eq!(vm.console_lines, ["GUEST-READY"]);
+    assert_eq!(vm.stats.port_io, 14);
 }

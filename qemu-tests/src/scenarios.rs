@@ -216,7 +216,47 @@ pub const SCENARIOS: &[Scenario] = &[
         smp: 2,
         ..Scenario::DEFAULT
     },
+    // Guests under SVM with nested paging, each owning an edu: `victim`
+    // runs the test guest's `dma` scenario (map, bind, attach, DMA both
+    // ways, faults into its queue, unmap, replace, detach, unbind) and
+    // leaves a buffer mapped; `attacker`, on the second CPU, aims its own
+    // edu at that buffer's IOVA and GPA. Sluice checks every guest step and,
+    // from the host, that the victim's buffer is intact. Interrupt
+    // remapping is on: without it binding is refused (MSIs not isolated).
+    Scenario {
+        name: "guests-legacy",
+        arches: &[Arch::X86_64],
+        intel_iommu: "intremap=on",
+        cmdline: GUESTS,
+        qemu_args: &["-device", "edu", "-device", "edu"],
+        smp: 2,
+        ..Scenario::DEFAULT
+    },
+    Scenario {
+        name: "guests-scalable",
+        arches: &[Arch::X86_64],
+        intel_iommu: "intremap=on,x-scalable-mode=on",
+        cmdline: GUESTS,
+        qemu_args: &["-device", "edu", "-device", "edu"],
+        smp: 2,
+        ..Scenario::DEFAULT
+    },
+    // One guest making hostile hypercalls: every one fails with its errno
+    // and the guest (and Sluice) keep running.
+    Scenario {
+        name: "guests-hostile",
+        arches: &[Arch::X86_64],
+        intel_iommu: "intremap=on",
+        cmdline: "test=guests vm=hostile:mem=16M:image=test-guest:dev=00:01.0:args=hostile",
+        qemu_args: &["-device", "edu"],
+        ..Scenario::DEFAULT
+    },
 ];
+
+/// The two-VM command line of the guest scenarios.
+pub const GUESTS: &str = "test=guests \
+    vm=victim:mem=16M:image=test-guest:dev=00:01.0:args=dma \
+    vm=attacker:mem=16M:image=test-guest:dev=00:02.0:args=attacker";
 
 /// The topology scenario's devices: edu on the root complex, behind a PCIe
 /// root port, and two behind a PCIe-to-PCI bridge.

@@ -316,6 +316,10 @@ pub trait RunHost {
     /// Write back and invalidate this CPU's caches (guest WBINVD under the
     /// `FLUSH` policy).
     fn flush_caches(&mut self);
+    /// A complete console line of VM `vm` (already logged).
+    fn console_line(&mut self, vm: &str, line: &str) {
+        let _ = (vm, line);
+    }
 }
 
 /// How a vCPU's run ended.
@@ -389,7 +393,11 @@ where
             console_lines: Vec::new(),
         };
         let action = handle_exit(backend, vcpu, &exit, &mut env);
-        vm.console_lines.append(&mut env.console_lines);
+        let mut lines = core::mem::take(&mut env.console_lines);
+        for line in &lines {
+            host.console_line(&vm.name, line);
+        }
+        vm.console_lines.append(&mut lines);
         if hypercall {
             sync_bus_mastering(vm, iommu);
         }

@@ -2,7 +2,7 @@
 //!
 //! Line protocol (one line per step, nothing else starts with these words):
 //! `GUEST-TEST <step> PASS`, `GUEST-TEST <step> FAIL <reason>`,
-//! `GUEST-INFO <text>`, and last `GUEST-DONE passed=<n> failed=<m>`.
+//! `GUEST-INFO <text>`, at most once `GUEST-READY`, and last `GUEST-DONE passed=<n> failed=<m>`.
 //! Lines starting with `SLUICE-TEST` are Sluice's own and never printed here.
 
 use core::fmt::{self, Write};
@@ -161,6 +161,12 @@ impl Report {
 
     pub fn info(&mut self, args: fmt::Arguments<'_>) {
         let _ = writeln!(Console, "GUEST-INFO {}", Reason::new(args));
+    }
+
+    /// `GUEST-READY`: what other VMs wait for is in place (Sluice starts
+    /// its further VMs only after the first one says so, or ends).
+    pub fn ready(&mut self) {
+        let _ = writeln!(Console, "GUEST-READY");
     }
 
     /// The closing line, then halt.
