@@ -93,8 +93,12 @@ pub fn run(platform: Platform) -> ! {
     // its frame allocator for good.
     let platform: &'static Platform = alloc::boxed::Box::leak(alloc::boxed::Box::new(platform));
     let Some(requested) = platform.command_line.test.clone() else {
-        demo(platform);
-        fatal::exit(ExitCode::Success);
+        let passed = demo(platform);
+        fatal::exit(if passed {
+            ExitCode::Success
+        } else {
+            ExitCode::TestFailed
+        });
     };
     let Some(scenario) = SCENARIOS.iter().find(|s| s.name == requested) else {
         let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
@@ -404,7 +408,13 @@ fn fault(_platform: &Platform) -> Outcome {
     sluice_kernel::arch::trigger_fault()
 }
 
-fn demo(platform: &'static Platform) {
+/// The default boot: the VMs of the command line (x86_64), else the
+/// platform bring-up summary. Returns whether everything worked.
+fn demo(platform: &'static Platform) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if !platform.command_line.vms.is_empty() {
+        return crate::vmm::scenario::demo(platform);
+    }
     println!("Sluice demo: platform bring-up");
     let tables = list_acpi_tables(platform);
     #[cfg(target_arch = "x86_64")]
@@ -415,8 +425,11 @@ fn demo(platform: &'static Platform) {
         platform.frames.lock().free_frames() / 256,
         clock::frequency() / 1_000_000
     );
-    println!("  Guests with passed-through devices are not implemented yet; nothing more to show.");
+    println!(
+        "  No vm= words on the command line: no guests to run (see docs/boot-protocol.md)."
+    );
     println!("Sluice demo done.");
+    true
 }
 
 /// The normal boot path's IOMMU step: every VT-d unit taken over, every

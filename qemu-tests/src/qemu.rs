@@ -393,6 +393,11 @@ pub fn copy_padded(src: &Path, dst: &Path, size: u64) -> io::Result<()> {
 /// QEMU devices the demo (`cargo xtask run` without a scenario) boots with:
 /// the `edu` DMA device, so the IOMMU has something to isolate.
 pub const DEMO_DEVICES: &[&str] = crate::scenarios::EDU;
+/// The x86_64 demo's devices: one edu per VM.
+pub const DEMO_X86_DEVICES: &[&str] = &["-device", "edu", "-device", "edu"];
+/// The x86_64 demo's VMs (see [`crate::scenarios::GUESTS`]).
+pub const DEMO_VMS: &str = "vm=victim:mem=16M:image=test-guest:dev=00:01.0:args=dma \
+    vm=attacker:mem=16M:image=test-guest:dev=00:02.0:args=attacker";
 
 /// One boot to prepare: a scenario's or the demo's, possibly with the
 /// user's overrides from `cargo xtask run`.
@@ -427,17 +432,32 @@ impl BootRequest {
         }
     }
 
-    /// The demo: empty command line, default board.
+    /// The demo. On x86_64: two VMs, one CPU and one edu each, with
+    /// interrupt remapping on (binding needs isolated MSIs) — the
+    /// `guests` scenario's configuration without `test=`. On aarch64: the
+    /// platform bring-up on the default board.
     pub fn demo(arch: Arch) -> BootRequest {
         let defaults = crate::scenarios::Scenario::DEFAULT;
+        let x86 = arch == Arch::X86_64;
         BootRequest {
             arch,
             run_name: String::from("demo"),
-            cmdline: String::new(),
-            smp: defaults.smp,
+            cmdline: if x86 {
+                DEMO_VMS.to_owned()
+            } else {
+                String::new()
+            },
+            smp: if x86 { 2 } else { defaults.smp },
             mem: defaults.mem.to_owned(),
-            intel_iommu: String::new(),
-            devices: DEMO_DEVICES.iter().map(|s| (*s).to_owned()).collect(),
+            intel_iommu: if x86 {
+                String::from("intremap=on")
+            } else {
+                String::new()
+            },
+            devices: if x86 { DEMO_X86_DEVICES } else { DEMO_DEVICES }
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             extra: Vec::new(),
             guest_images: Vec::new(),
         }

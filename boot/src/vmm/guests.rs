@@ -248,7 +248,7 @@ pub struct RanVm {
 /// Returns when all have finished or stopped. A VM that could not
 /// be built or started is an error naming it; VMs already running are
 /// still waited for.
-pub fn run_all(machine: &Machine) -> Result<Vec<RanVm>, String> {
+pub fn run_all(machine: &Machine, narrate: bool) -> Result<Vec<RanVm>, String> {
     if machine.vms.is_empty() {
         return Err(String::from(
             "no vm= words on the command line: no VM to run",
@@ -287,7 +287,15 @@ pub fn run_all(machine: &Machine) -> Result<Vec<RanVm>, String> {
             let result = svm_for_this_cpu(platform)
                 .and_then(|mut backend| {
                     wait_until_ready(ready)?;
-                    run_vm(&mut vm, &mut backend, iommufd, &mut HostCpu { ready: None })
+                    run_vm(
+                        &mut vm,
+                        &mut backend,
+                        iommufd,
+                        &mut HostCpu {
+                            ready: None,
+                            narrate,
+                        },
+                    )
                 })
                 .map(|report| RanVm { report, vm });
             *slot.lock() = Some(result);
@@ -307,7 +315,10 @@ pub fn run_all(machine: &Machine) -> Result<Vec<RanVm>, String> {
             &mut vm,
             &mut backend,
             iommufd,
-            &mut HostCpu { ready: Some(ready) },
+            &mut HostCpu {
+                ready: Some(ready),
+                narrate,
+            },
         );
         // Ended without saying it was ready: the others go anyway.
         ready.store(true, Ordering::Release);

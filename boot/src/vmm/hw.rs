@@ -136,6 +136,8 @@ impl FrameSource for KernelFrames<'_> {
 /// VM's host: the flag is raised when the guest prints `GUEST-READY`.
 pub struct HostCpu {
     pub ready: Option<&'static AtomicBool>,
+    /// Print each guest step with what it means (the demo).
+    pub narrate: bool,
 }
 
 impl CpuidSource for HostCpu {
@@ -154,11 +156,27 @@ impl RunHost for HostCpu {
         // has no other effect on Sluice's state.
         unsafe { core::arch::asm!("wbinvd", options(nostack, preserves_flags)) };
     }
-    fn console_line(&mut self, _vm: &str, line: &str) {
+    fn console_line(&mut self, vm: &str, line: &str) {
+        if self.narrate {
+            narrate(vm, line);
+        }
         if line == "GUEST-READY"
             && let Some(flag) = self.ready
         {
             flag.store(true, Ordering::Release);
         }
+    }
+}
+
+/// One demo line for a guest step: `GUEST-TEST <step> PASS|FAIL ...`.
+fn narrate(vm: &str, line: &str) {
+    let mut words = line.split_whitespace();
+    if words.next() != Some("GUEST-TEST") {
+        return;
+    }
+    let Some(step) = words.next() else { return };
+    let verdict = words.next().unwrap_or("?");
+    if let Some(what) = super::narration::describe(step) {
+        sluice_kernel::println!("  [{vm}] {what}: {verdict}");
     }
 }

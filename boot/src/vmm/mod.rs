@@ -9,6 +9,7 @@
 
 pub mod guests;
 pub mod hw;
+pub mod narration;
 pub mod scenario;
 
 extern crate alloc;
