@@ -1,13 +1,15 @@
-//! A VM's nested page table (AMD NPT, Intel EPT): guest RAM and the
-//! passed-through BARs, built with the IO page-table engine.
+//! A VM's nested page table (AMD NPT, Intel EPT, Arm stage 2): guest RAM
+//! and the passed-through BARs, built with the IO page-table engine.
 //!
 //! What is not mapped faults to Sluice: the ECAM window (emulated config
-//! space), the MSI window, holes. RAM is mapped write-back and executable;
-//! BARs uncacheable, read/write, never executable.
+//! space), the MSI window, the aarch64 console register, holes. RAM is
+//! mapped write-back and executable; BARs uncacheable (Arm: Device-nGnRE),
+//! read/write, never executable.
 
 use sluice_hal::{DmaMemory, PhysAddr};
+use sluice_iommu::pagetable::arm::{ArmS2Attrs, ArmStage2};
 use sluice_iommu::pagetable::x86::{AmdNpt, EptAttrs, IntelEpt, X86Caching};
-use sluice_iommu::pagetable::{IoPageTable, MapPerms, PageTableError, X86MemType};
+use sluice_iommu::pagetable::{IoPageTable, MapPerms, PageTableError, Shareability, X86MemType};
 
 use super::memory::{FrameSource, GuestRam};
 use crate::passthrough::BarMapping;
@@ -98,6 +100,61 @@ impl<M: DmaMemory + ?Sized> NestedPageTable for IoPageTable<'_, IntelEpt, M> {
         };
         self.map(gpa, host, len, perms, attrs).map(|_| ())
     }
+    fn root_address(&self) -> PhysAddr {
+        self.root()
+    }
+    fn release(self: alloc::boxed::Box<Self>) {
+        let mem = self.memory();
+        self.destroy().release(mem);
+    }
+}
+
+/// Stage-2 `MemAttr[3:0]` values (Arm ARM DDI 0487, "Stage 2 memory type
+/// and Cacheability attributes when FEAT_S2FWB is disabled"):
+/// bits 3:2 are the outer attribute (0b00 Device, 0b01 Non-cacheable,
+/// 0b10 Write-Through, 0b11 Write-Back), bits 1:0 the inner one, or for
+/// Device memory its kind (0b00 nGnRnE, 0b01 nGnRE, 0b10 nGRE, 0b11 GRE).
+/// The guest's stage-1 attributes combine with these, the stronger type
+/// winning, so a guest can never map a BAR cacheable.
+pub mod stage2_mem_attr {
+    /// Normal, Outer Write-Back, Inner Write-Back.
+    pub const NORMAL_WRITE_BACK: u8 = 0b1111;
+    /// Device-nGnRE: no gathering or reordering, early write ack.
+    pub const DEVICE_NGNRE: u8 = 0b0001;
+}
+
+impl<M: DmaMemory + ?Sized> NestedPageTable for IoPageTable<'_, ArmStage2, M> {
+    fn map_range(
+        &mut self,
+        gpa: u64,
+        host: PhysAddr,
+        len: u64,
+        kind: MappingKind,
+    ) -> Result<(), PageTableError> {
+        // RAM: Normal write-back, Inner Shareable (the shareability the
+        // host's own normal memory has, so guest and host views stay
+        // coherent). BARs: Device-nGnRE, never executable (XN); the SH
+        // field does not apply to Device memory, which is always treated
+        // as Outer Shareable (Arm ARM, "Device memory").
+        let (perms, attrs) = match kind {
+            MappingKind::Ram => (
+                MapPerms::ALL,
+                ArmS2Attrs {
+                    mem_attr: stage2_mem_attr::NORMAL_WRITE_BACK,
+                    shareability: Shareability::InnerShareable,
+                },
+            ),
+            MappingKind::Mmio => (
+                MapPerms::READ_WRITE,
+                ArmS2Attrs {
+                    mem_attr: stage2_mem_attr::DEVICE_NGNRE,
+                    shareability: Shareability::OuterShareable,
+                },
+            ),
+        };
+        self.map(gpa, host, len, perms, attrs).map(|_| ())
+    }
+    /// The VTTBR_EL2 base address (BADDR); the VMID is the vCPU backend's.
     fn root_address(&self) -> PhysAddr {
         self.root()
     }
@@ -241,6 +298,59 @@ mod tests {
         );
         fresh.destroy().release(&tables);
         ept.destroy().release(&tables);
+        ram.release();
+    }
+
+    #[test]
+    fn arm_stage2_maps_ram_normal_and_bars_device() {
+        let frames = ModelFrames::new();
+        let base = 0x4000_0000;
+        let ram = GuestRam::new(&frames, &[(base, 0x40_0000), (base + 0x80_0000, 0x3000)]).unwrap();
+        let tables = ModelMemory::new();
+        // 39-bit IPA: three levels from Arm level 1 (VTCR_EL2.SL0 = 1).
+        let format = ArmStage2::new(39, 48).unwrap();
+        assert_eq!((format.t0sz(), format.sl0()), (25, 1));
+        let mut s2 =
+            IoPageTable::new(&tables, format, TableConfig::new(PageSize::Size2M, true)).unwrap();
+        let mut device = bar();
+        device.guest = 0x1000_0000;
+        map_vm(&mut s2, &ram, &[device]).unwrap();
+        let params = format.walk_params();
+        let root = s2.root_address();
+        for gpa in [base, base + 0x1234, base + 0x3f_ffff, base + 0x80_2fff] {
+            let w = walk(&tables, &params, root, gpa).unwrap();
+            let (host, _) = crate::iommufd::GuestMemory::ram_to_host(&ram, gpa).unwrap();
+            assert_eq!(w.phys, host, "{gpa:#x}");
+            assert!(w.perms.read && w.perms.write && w.perms.exec, "{gpa:#x}");
+            // Stage-2 leaf fields (Arm ARM, stage 2 block and page
+            // descriptors): MemAttr bits 5:2, SH bits 9:8, AF bit 10,
+            // XN bits 54:53.
+            assert_eq!((w.leaf >> 2) & 0xf, 0b1111, "normal write-back");
+            assert_eq!((w.leaf >> 8) & 3, 0b11, "inner shareable");
+            assert_ne!(w.leaf & (1 << 10), 0, "access flag set");
+            assert_eq!((w.leaf >> 53) & 3, 0, "executable");
+        }
+        let w = walk(&tables, &params, root, base + 0x20_0010).unwrap();
+        assert_eq!(w.page_size, 0x20_0000, "2 MiB chunks map as blocks");
+        let w = walk(&tables, &params, root, 0x1000_3008).unwrap();
+        assert_eq!(w.phys.as_u64(), 0xfe00_3008);
+        assert!(w.perms.read && w.perms.write && !w.perms.exec);
+        assert_eq!((w.leaf >> 2) & 0xf, 0b0001, "Device-nGnRE");
+        assert_ne!(w.leaf & (1 << 54), 0, "device memory never executable");
+        for hole in [
+            0u64,
+            base - 0x1000,
+            base + 0x40_0000,
+            base + 0x80_3000,
+            0x1000_4000,
+        ] {
+            assert!(
+                walk(&tables, &params, root, hole).is_err(),
+                "{hole:#x} must fault"
+            );
+        }
+        alloc::boxed::Box::new(s2).release();
+        assert_eq!(tables.live_pages(), 0, "release frees every table page");
         ram.release();
     }
 }
