@@ -14,6 +14,8 @@ mod iommu_owner;
 mod pci;
 #[cfg(target_os = "uefi")]
 mod scenarios;
+#[cfg(all(target_os = "uefi", target_arch = "aarch64"))]
+mod smmu_dma;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
 mod svm_smoke;
 #[cfg(target_os = "uefi")]

@@ -76,6 +76,12 @@ const SCENARIOS: &[Scenario] = &[
         what: "the vm= guests run under SVM with nested paging and drive their edu DMA through the iommufd hypercalls and VT-d; every step they report and the host-side isolation checks must pass",
         run: crate::vmm::scenario::run,
     },
+    #[cfg(target_arch = "aarch64")]
+    Scenario {
+        name: "smmu-dma",
+        what: "edu DMA through the SMMUv3: blocked by default, translated when attached, faults when read-only, unmapped, unmapped-after-use or detached",
+        run: crate::smmu_dma::run,
+    },
     Scenario {
         name: "smp",
         what: "every CPU the MADT lists starts, reports its identity, counts under a shared spin lock and runs jobs (x86_64: with SVM enabled on it)",

@@ -90,6 +90,22 @@ impl SmmuConfig {
             domain_fault_queue: 64,
         }
     }
+
+    /// The configuration for the IORT SMMUv3 node `node` (`smmuN` with N
+    /// = `index`, its position among the IORT's SMMU nodes). The node's
+    /// COHACC Override flag (IORT, ARM DEN 0049, SMMUv3 node "Flags" bit
+    /// 0) is how firmware states whether the SMMU's table and queue
+    /// accesses are coherent in this system; it is taken as the answer
+    /// either way. Trusting a coherent IDR0.COHACC that firmware does not
+    /// confirm could let the SMMU read stale tables; the other way round
+    /// only costs cache maintenance.
+    pub fn from_iort(index: u32, node: &crate::acpi::iort::SmmuV3) -> Self {
+        use crate::acpi::iort::SmmuV3Flags;
+        Self {
+            coherent_override: Some(node.flags.contains(SmmuV3Flags::COHACC_OVERRIDE)),
+            ..Self::new(index, node.base)
+        }
+    }
 }
 
 /// A domain on one SMMU.

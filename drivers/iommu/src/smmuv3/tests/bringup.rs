@@ -318,3 +318,41 @@ fn firmware_can_override_cohacc() {
     assert!(mem.unflushed_words().is_empty());
     assert!(!mem.flushes().is_empty());
 }
+
+#[test]
+fn iort_node_gives_base_and_coherency() {
+    use crate::acpi::iort::{SmmuV3, SmmuV3Flags};
+    let node = |flags| SmmuV3 {
+        base: 0x0905_0000,
+        flags,
+        vatos_address: 0,
+        model: 0,
+        event_gsiv: 106,
+        pri_gsiv: 107,
+        gerr_gsiv: 109,
+        sync_gsiv: 108,
+        proximity_domain: None,
+        device_id_mapping_index: None,
+    };
+    // QEMU's virt sets the flag (and IDR0.COHACC): coherent.
+    let cfg = crate::smmuv3::SmmuConfig::from_iort(2, &node(SmmuV3Flags::COHACC_OVERRIDE));
+    assert_eq!((cfg.index, cfg.base), (2, 0x0905_0000));
+    assert_eq!(cfg.coherent_override, Some(true));
+    // Without the flag firmware does not vouch for coherency: the unit
+    // cleans what it writes even though IDR0.COHACC claims coherency.
+    let cfg = crate::smmuv3::SmmuConfig::from_iort(0, &node(SmmuV3Flags::empty()));
+    assert_eq!(cfg.coherent_override, Some(false));
+    let mem = ModelMemory::new();
+    let model = SmmuModel::new(&mem, IdrBuilder::qemu_7_2());
+    let clock = clock();
+    let unit = init_with(
+        &model,
+        &mem,
+        &clock,
+        crate::smmuv3::SmmuConfig {
+            timeout_ns: config().timeout_ns,
+            ..cfg
+        },
+    );
+    assert!(!unit.coherent());
+}
