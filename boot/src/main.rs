@@ -16,10 +16,10 @@ mod pci;
 mod scenarios;
 #[cfg(all(target_os = "uefi", target_arch = "aarch64"))]
 mod smmu_dma;
-#[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
-mod svm_smoke;
 #[cfg(target_os = "uefi")]
 mod smp_scenario;
+#[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
+mod svm_smoke;
 #[cfg(target_os = "uefi")]
 mod uefi_entry;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]

@@ -431,9 +431,7 @@ fn demo(platform: &'static Platform) -> bool {
         platform.frames.lock().free_frames() / 256,
         clock::frequency() / 1_000_000
     );
-    println!(
-        "  No vm= words on the command line: no guests to run (see docs/boot-protocol.md)."
-    );
+    println!("  No vm= words on the command line: no guests to run (see docs/boot-protocol.md).");
     println!("Sluice demo done.");
     true
 }
