@@ -16,6 +16,8 @@ mod pci;
 mod scenarios;
 #[cfg(all(target_os = "uefi", target_arch = "aarch64"))]
 mod smmu_dma;
+#[cfg(all(target_os = "uefi", target_arch = "aarch64"))]
+mod smmu_owner;
 #[cfg(target_os = "uefi")]
 mod smp_scenario;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]

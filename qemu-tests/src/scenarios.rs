@@ -217,6 +217,16 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: EDU,
         ..Scenario::DEFAULT
     },
+    // Boot-time ownership of every SMMUv3 (aarch64): the edu on bus 0 is
+    // blocked with its own StreamID; edus on buses the IORT sends past the
+    // SMMU are reported uncovered.
+    Scenario {
+        name: "smmu-ownership",
+        arches: &[Arch::Aarch64],
+        cmdline: "test=smmu-ownership",
+        qemu_args: TOPOLOGY,
+        ..Scenario::DEFAULT
+    },
     // Every CPU the MADT lists starts (x86_64: INIT/STARTUP IPIs and the
     // real-mode trampoline; aarch64: PSCI CPU_ON), reports its identity,
     // counts under a shared spin lock, enables SVM on x86_64 and runs jobs

@@ -22,6 +22,9 @@
 //! * [`walker`]: an independent walker (stream table → STE → CD → stage-1
 //!   and stage-2 tables) written separately from the code that builds the
 //!   structures;
+//! * [`ownership`]: every SMMU of the IORT taken over at boot, RMR ranges
+//!   identity-mapped for the StreamIDs they name, failures reported with
+//!   the devices they leave uncovered;
 //! * [`model`]: a register and queue model of an SMMU with configuration
 //!   caches, a TLB and walk caches, for host tests here and in other
 //!   crates.
@@ -47,6 +50,7 @@ pub mod commands;
 pub mod error;
 pub mod events;
 pub mod model;
+pub mod ownership;
 mod queue;
 pub mod regs;
 pub mod structs;

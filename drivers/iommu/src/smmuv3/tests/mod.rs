@@ -2,6 +2,7 @@
 
 mod bringup;
 mod events;
+mod ownership;
 mod queues;
 mod structures;
 mod substreams;
