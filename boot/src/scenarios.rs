@@ -88,12 +88,6 @@ const SCENARIOS: &[Scenario] = &[
         what: "every SMMUv3 of the IORT taken over at once: every edu behind one blocked with its own StreamID, edus behind none reported uncovered",
         run: crate::smmu_owner::scenario,
     },
-    #[cfg(target_arch = "aarch64")]
-    Scenario {
-        name: "smmu-ownership",
-        what: "every SMMUv3 of the IORT taken over at once: every edu behind one blocked with its own StreamID, edus behind none reported uncovered",
-        run: crate::smmu_owner::scenario,
-    },
     Scenario {
         name: "smp",
         what: "every CPU the MADT lists starts, reports its identity, counts under a shared spin lock and runs jobs (x86_64: with SVM enabled on it)",
@@ -470,37 +464,6 @@ fn demo_iommus(platform: &'static Platform) -> Option<crate::iommu_owner::OwnedI
             );
             Some(owned)
         }
-
-/// The aarch64 counterpart of `demo_iommus`: every SMMUv3 of the IORT
-/// taken over, every stream aborting until assigned. `None` (logged) when
-/// there is nothing to own or PCI could not be read.
-#[cfg(target_arch = "aarch64")]
-fn demo_smmus(platform: &'static Platform) -> Option<crate::smmu_owner::OwnedSmmus> {
-    let acpi = platform.acpi.as_ref()?;
-    let owned = crate::pci::discover(acpi)
-        .and_then(|pci| crate::pci::associate(acpi, &pci))
-        .and_then(|map| crate::smmu_owner::take_ownership(platform, &map));
-    match owned {
-        Ok(owned) => {
-            println!(
-                "  {} SMMU(s) owned, {} devices blocked ({} with RMRs), {} not isolated",
-                owned.units.len(),
-                owned.device_unit.len(),
-                owned
-                    .device_unit
-                    .keys()
-                    .filter(|&&a| owned.is_rmr_device(a))
-                    .count(),
-                owned.uncovered.len()
-            );
-            Some(owned)
-        }
-        Err(why) => {
-            log::error!("iommu: {why}");
-            None
-        }
-    }
-}
         Err(why) => {
             log::error!("iommu: {why}");
             None
