@@ -1,4 +1,5 @@
-//! Virtual CPUs: the arch-neutral backend interface and its SVM and VMX implementations.
+//! Virtual CPUs: the arch-neutral backend interface and its SVM, VMX and
+//! Arm EL2 implementations.
 //!
 //! A backend (AMD SVM, Intel VMX) turns a hardware exit (a VMCB `EXITCODE`
 //! with its `EXITINFO` fields, or a VMCS exit reason with its
@@ -16,6 +17,7 @@
 //! otherwise.
 
 pub mod decode;
+pub mod el2;
 pub mod hypercall;
 pub mod svm;
 pub mod vmx;
@@ -182,11 +184,68 @@ pub enum VcpuExit {
         vector: u8,
         error_code: Option<u32>,
     },
+    /// A nested page fault (Arm: a stage-2 data abort) on a data access
+    /// the hardware described completely (Arm `ESR_EL2.ISV` = 1): size,
+    /// direction and register are known, no instruction is decoded.
+    DecodedMmio {
+        gpa: u64,
+        access: DecodedAccess,
+    },
+    /// A nested page fault on a data access the hardware did not describe
+    /// (Arm `ESR_EL2.ISV` = 0: load/store pairs, writeback addressing,
+    /// SIMD and atomic instructions). Such an access cannot be emulated
+    /// without decoding the instruction: the VM is stopped.
+    UndecodableMmio {
+        gpa: u64,
+        access: AccessKind,
+    },
+    /// The guest waits for an event (Arm `WFE`): the instruction is
+    /// skipped and the guest resumes, as if an event had arrived.
+    Yield,
     /// Anything else: the raw exit code (SVM `EXITCODE`, VMX basic exit
-    /// reason). The VM is stopped with a log line naming the code.
+    /// reason, Arm `ESR_EL2`). The VM is stopped with a log line naming
+    /// the code.
     Unknown {
         code: u64,
     },
+}
+
+/// A data access the hardware decoded for Sluice (Arm `ESR_EL2` ISS of a
+/// data abort with ISV = 1: `SAS`, `SSE`, `SRT`, `SF`, `WnR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodedAccess {
+    pub size: AccessSize,
+    /// Read (a load) or Write (a store); never Execute.
+    pub kind: AccessKind,
+    /// The transfer register: Arm X0–X30, 31 the zero register.
+    pub register: u8,
+    /// A load sign-extends the value (`LDRS*`).
+    pub sign_extend: bool,
+    /// The register is 64 bits wide (Xn); else 32 (Wn), whose upper half
+    /// a load clears.
+    pub register_64: bool,
+}
+
+impl DecodedAccess {
+    /// The register value a load of `value` (the `size` bytes read) leaves
+    /// in the transfer register: sign- or zero-extended to the register
+    /// width, a W register's upper half zero (Arm ARM, "Registers in
+    /// AArch64 execution state": writes to Wn zero bits 63:32).
+    pub const fn load_result(&self, value: u64) -> u64 {
+        let bits = 8 * self.size.bytes() as u32;
+        let value = value & self.size.mask();
+        let extended = if self.sign_extend && bits < 64 {
+            let shift = 64 - bits;
+            (((value << shift) as i64) >> shift) as u64
+        } else {
+            value
+        };
+        if self.register_64 {
+            extended
+        } else {
+            extended & 0xffff_ffff
+        }
+    }
 }
 
 /// How long the exiting instruction is, when the hardware said so.
@@ -540,6 +599,55 @@ impl TranslationState {
     }
 }
 
+/// The general-purpose registers, PC and PSTATE of an aarch64 vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Aarch64Registers {
+    /// X0–X30.
+    pub x: [u64; 31],
+    /// The address of the next instruction the guest executes (ELR_EL2
+    /// while it is out).
+    pub pc: u64,
+    /// PSTATE in the `SPSR_EL2` layout.
+    pub pstate: u64,
+}
+
+/// `PSTATE` / `SPSR_EL2` bits (Arm ARM, "SPSR_EL2" for exceptions taken
+/// from AArch64).
+pub mod pstate {
+    /// `M[3:0]` = EL1 with SP_EL1 (EL1h).
+    pub const MODE_EL1H: u64 = 0b0101;
+    /// FIQ mask.
+    pub const F: u64 = 1 << 6;
+    /// IRQ mask.
+    pub const I: u64 = 1 << 7;
+    /// SError mask.
+    pub const A: u64 = 1 << 8;
+    /// Debug mask.
+    pub const D: u64 = 1 << 9;
+    /// `BTYPE` (FEAT_BTI), cleared when an instruction retires.
+    pub const BTYPE: u64 = 0b11 << 10;
+}
+
+impl Aarch64Registers {
+    /// Whether the vCPU takes IRQs (PSTATE.I clear).
+    pub const fn irqs_unmasked(&self) -> bool {
+        self.pstate & pstate::I == 0
+    }
+}
+
+/// The state an aarch64 vCPU starts with (the aarch64 direct-boot
+/// protocol, [`crate::vm::boot`]); every EL1 system register not named
+/// here starts at zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Aarch64EntryState {
+    /// X0–X30, PC and PSTATE (`SPSR_EL2` layout, e.g. EL1h with DAIF set).
+    pub registers: Aarch64Registers,
+    pub sp_el1: u64,
+    pub sctlr_el1: u64,
+    /// `CPACR_EL1` (FP/SIMD access).
+    pub cpacr_el1: u64,
+}
+
 /// Why a backend operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuError {
@@ -603,6 +711,31 @@ pub trait VcpuBackend {
     /// Uses the nested page table (NPT / EPT) rooted at `root` from the next
     /// entry on, and flushes the vCPU's cached guest-physical translations.
     fn set_nested_root(&mut self, vcpu: &mut Self::Vcpu, root: PhysAddr) -> Result<(), VcpuError>;
+
+    /// An aarch64 vCPU that starts at `entry`. x86 backends refuse.
+    fn create_aarch64_vcpu(&mut self, entry: &Aarch64EntryState) -> Result<Self::Vcpu, VcpuError> {
+        let _ = entry;
+        Err(VcpuError::Unsupported(
+            "an aarch64 vCPU on an x86 virtualization backend",
+        ))
+    }
+    /// All of an aarch64 vCPU's registers; `None` on x86 backends (whose
+    /// vCPUs [`VcpuBackend::registers`] describes completely).
+    fn aarch64_registers(&self, vcpu: &Self::Vcpu) -> Option<Aarch64Registers> {
+        let _ = vcpu;
+        None
+    }
+    /// Sets an aarch64 vCPU's registers. x86 backends refuse.
+    fn set_aarch64_registers(
+        &mut self,
+        vcpu: &mut Self::Vcpu,
+        registers: &Aarch64Registers,
+    ) -> Result<(), VcpuError> {
+        let _ = (vcpu, registers);
+        Err(VcpuError::Unsupported(
+            "aarch64 registers on an x86 virtualization backend",
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -666,6 +799,95 @@ mod tests {
         assert_eq!(AccessSize::Qword.mask(), u64::MAX);
         assert_eq!(AccessSize::from_bytes(4), Some(AccessSize::Dword));
         assert_eq!(AccessSize::from_bytes(3), None);
+    }
+
+    #[test]
+    fn decoded_loads_extend_like_the_arm_load_instructions() {
+        let access = |size, sign_extend, register_64| DecodedAccess {
+            size,
+            kind: AccessKind::Read,
+            register: 3,
+            sign_extend,
+            register_64,
+        };
+        // LDRB Wt / LDRH Wt / LDR Wt: zero-extended.
+        assert_eq!(
+            access(AccessSize::Byte, false, false).load_result(0x1ff),
+            0xff
+        );
+        assert_eq!(
+            access(AccessSize::Word, false, false).load_result(0x8001),
+            0x8001
+        );
+        // LDRSB Wt: sign-extended to 32 bits, upper half clear.
+        assert_eq!(
+            access(AccessSize::Byte, true, false).load_result(0x80),
+            0xffff_ff80
+        );
+        // LDRSB Xt / LDRSW Xt: sign-extended to 64 bits.
+        assert_eq!(
+            access(AccessSize::Byte, true, true).load_result(0x80),
+            0xffff_ffff_ffff_ff80
+        );
+        assert_eq!(
+            access(AccessSize::Dword, true, true).load_result(0x8000_0000),
+            0xffff_ffff_8000_0000
+        );
+        assert_eq!(
+            access(AccessSize::Dword, true, true).load_result(0x7fff_ffff),
+            0x7fff_ffff
+        );
+        // LDR Xt: the whole value.
+        assert_eq!(
+            access(AccessSize::Qword, false, true).load_result(u64::MAX),
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn x86_backends_refuse_aarch64_vcpus() {
+        struct X86Only;
+        impl VcpuBackend for X86Only {
+            type Vcpu = ();
+            fn create_vcpu(&mut self, _: &EntryState) -> Result<(), VcpuError> {
+                Ok(())
+            }
+            fn run(&mut self, _: &mut ()) -> Result<Exit, VcpuError> {
+                Err(VcpuError::Unsupported("test"))
+            }
+            fn registers(&self, _: &()) -> GuestRegisters {
+                GuestRegisters::new()
+            }
+            fn set_registers(&mut self, _: &mut (), _: &GuestRegisters) {}
+            fn translation_state(&self, _: &()) -> TranslationState {
+                TranslationState::default()
+            }
+            fn advance_rip(&mut self, _: &mut (), _: u8) -> Result<(), VcpuError> {
+                Ok(())
+            }
+            fn inject_event(&mut self, _: &mut (), _: Event) -> Result<(), VcpuError> {
+                Ok(())
+            }
+            fn set_nested_root(&mut self, _: &mut (), _: PhysAddr) -> Result<(), VcpuError> {
+                Ok(())
+            }
+        }
+        let mut b = X86Only;
+        let entry = Aarch64EntryState {
+            registers: Aarch64Registers::default(),
+            sp_el1: 0,
+            sctlr_el1: 0,
+            cpacr_el1: 0,
+        };
+        assert!(matches!(
+            b.create_aarch64_vcpu(&entry),
+            Err(VcpuError::Unsupported(_))
+        ));
+        assert_eq!(b.aarch64_registers(&()), None);
+        assert!(
+            b.set_aarch64_registers(&mut (), &Aarch64Registers::default())
+                .is_err()
+        );
     }
 
     #[test]

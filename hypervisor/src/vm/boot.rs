@@ -62,6 +62,32 @@ pub const HYPERCALL_ABI_VERSION: u32 = 1;
 /// Sluice's console, prefixed with the VM name.
 pub const CONSOLE_PORT: u16 = 0xe9;
 
+/// The guest-physical address map of an aarch64 VM (close to QEMU's
+/// `virt` board: devices below 1 GiB, RAM from 1 GiB; see
+/// `docs/boot-protocol.md`, "aarch64"). Every address fits the 39-bit
+/// guest-physical space of the stage-2 tables.
+///
+/// ```text
+/// 0x0900_0000                  console byte register (trapped)
+/// 0x1000_0000 - 0x2FFF_FFFF    passed-through BARs (placed by Sluice)
+/// 0x3F00_0000 - 0x3F0F_FFFF    ECAM of guest bus 0 (trapped)
+/// 0x4000_0000 -                RAM
+/// ```
+pub mod aarch64_layout {
+    /// The console: a store of any size here prints its low byte; loads
+    /// read 0. The page holding it is never mapped.
+    pub const CONSOLE_GPA: u64 = 0x0900_0000;
+    pub const BAR_WINDOW_BASE: u64 = 0x1000_0000;
+    pub const BAR_WINDOW_SIZE: u64 = 0x2000_0000;
+    /// The trapped ECAM window: bus 0 only.
+    pub const ECAM_BASE: u64 = 0x3f00_0000;
+    pub const ECAM_SIZE: u64 = 1 << 20;
+    /// Guest RAM starts here and is contiguous.
+    pub const RAM_BASE: u64 = 0x4000_0000;
+    /// The highest guest-physical address plus one (39-bit IPA space).
+    pub const GPA_LIMIT: u64 = 1 << 39;
+}
+
 /// ELF header and program header constants (System V ABI, "ELF Header"
 /// and "Program Header" of the gABI; ELF-64 Object File Format).
 mod elf {

@@ -14,6 +14,15 @@
 //! * the debug console port, CPUID (with the virtualization features
 //!   hidden and a hypervisor leaf), MSRs (`#GP`, none are emulated yet),
 //!   HLT, WBINVD/INVD (the iommufd WBINVD policy), triple faults.
+//!
+//! aarch64 vCPUs (the backend answers [`VcpuBackend::aarch64_registers`])
+//! take their own paths where the architectures differ: hypercalls use the
+//! SMCCC registers ([`aarch64_hypercall`]: X0/X1 in, X0 out), and MMIO
+//! exits arrive decoded by the hardware ([`VcpuExit::DecodedMmio`]), so the
+//! console register and the ECAM window are emulated from the access's
+//! size, direction and register without fetching the instruction. `WFI`
+//! is HLT, `WFE` a yield; an access the hardware could not describe stops
+//! the VM.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -26,13 +35,13 @@ use crate::passthrough::{EcamWindow, GuestPciBus, MmioError, emulate_ecam_access
 use crate::vcpu::decode::{
     self, DecodeError, IdentityFetch, InstructionFetch, Operation, PagedFetch, PrefetchedFetch,
 };
-use crate::vcpu::hypercall::{HypercallDispatcher, x86_hypercall};
+use crate::vcpu::hypercall::{HypercallDispatcher, aarch64_hypercall, x86_hypercall};
 use crate::vcpu::{
-    AccessKind, AccessSize, CR4_LA57, Event, Exit, InstructionLength, IoDirection, VcpuBackend,
-    VcpuError, VcpuExit, gpr,
+    AccessKind, AccessSize, CR4_LA57, DecodedAccess, Event, Exit, InstructionLength, IoDirection,
+    VcpuBackend, VcpuError, VcpuExit, gpr,
 };
 
-use super::boot::{CONSOLE_PORT, HYPERCALL_ABI_VERSION};
+use super::boot::{CONSOLE_PORT, HYPERCALL_ABI_VERSION, aarch64_layout};
 
 /// Longest console line before it is flushed without a newline.
 pub const CONSOLE_LINE_MAX: usize = 200;
@@ -148,6 +157,17 @@ pub enum StopReason {
         rip: u64,
         vector: u8,
     },
+    /// A data access the hardware did not describe (Arm ISV = 0) reached
+    /// emulated memory.
+    UndecodableAccess {
+        rip: u64,
+        gpa: u64,
+        access: AccessKind,
+    },
+    /// The hardware gave no length for an instruction that must be skipped.
+    UnknownLength {
+        rip: u64,
+    },
     /// The backend refused an operation.
     Backend(VcpuError),
     /// An exit Sluice has no handler for.
@@ -183,6 +203,13 @@ impl fmt::Display for StopReason {
             }
             Self::Exception { rip, vector } => {
                 write!(f, "unexpected exception {vector} at {rip:#x}")
+            }
+            Self::UndecodableAccess { rip, gpa, access } => write!(
+                f,
+                "{access:?} of emulated guest-physical {gpa:#x} at {rip:#x} without an instruction syndrome (load/store pair, writeback, SIMD or atomic access): use a single LDR/STR"
+            ),
+            Self::UnknownLength { rip } => {
+                write!(f, "no instruction length for the exit at {rip:#x}")
             }
             Self::Backend(e) => write!(f, "vCPU backend: {e}"),
             Self::Unhandled { rip, exit } => write!(f, "unhandled exit {exit:?} at {rip:#x}"),
@@ -302,6 +329,92 @@ fn instruction_length<B: VcpuBackend>(
     Ok(insn.length)
 }
 
+/// The length the hardware reported for `exit` (aarch64 always reports
+/// it, in `ESR_EL2.IL`).
+fn known_length(exit: &Exit) -> Result<u8, StopReason> {
+    match exit.length {
+        InstructionLength::Known(n) => Ok(n),
+        InstructionLength::Unknown => Err(StopReason::UnknownLength { rip: exit.rip }),
+    }
+}
+
+/// Whether a configuration access of `size` at `offset` is one the
+/// configuration space takes: at most a dword, not crossing one (PCIe Base
+/// §7.2.2.2); others complete as unsupported requests (reads all ones,
+/// writes dropped).
+fn config_access_valid(offset: u16, size: AccessSize) -> bool {
+    size != AccessSize::Qword && (offset & 3) + u16::from(size.bytes()) <= 4
+}
+
+/// Emulates a hardware-decoded access at `gpa` on the aarch64 registers
+/// `x` (register 31 is the zero register): the console byte register
+/// (stores print their low byte, loads read 0) or the ECAM window.
+fn emulate_decoded_access<D, C>(
+    env: &mut ExitEnv<'_, D, C>,
+    gpa: u64,
+    access: DecodedAccess,
+    x: &mut [u64; 31],
+    rip: u64,
+) -> Result<(), StopReason>
+where
+    D: HypercallDispatcher + ?Sized,
+    C: ConfigSpace,
+{
+    if access.kind == AccessKind::Execute {
+        return Err(StopReason::UnhandledMemoryAccess {
+            rip,
+            gpa,
+            access: access.kind,
+        });
+    }
+    let register = usize::from(access.register);
+    let stored = x.get(register).copied().unwrap_or(0) & access.size.mask();
+    let loaded = if gpa == aarch64_layout::CONSOLE_GPA {
+        match access.kind {
+            AccessKind::Write => {
+                if let Some(line) = env.console.push(stored as u8) {
+                    log::info!("[{}] {}", env.vm_name, line);
+                    env.console_lines.push(line);
+                }
+                None
+            }
+            _ => Some(0),
+        }
+    } else if let Some((bdf, offset)) = env.ecam.decode(gpa) {
+        let valid = config_access_valid(offset, access.size);
+        match access.kind {
+            AccessKind::Write => {
+                if valid {
+                    env.pci.write(bdf, offset, access.size, stored as u32);
+                } else {
+                    log::debug!(
+                        "ECAM write of {} bytes at {gpa:#x} dropped",
+                        access.size.bytes()
+                    );
+                }
+                None
+            }
+            _ => Some(if valid {
+                u64::from(env.pci.read(bdf, offset, access.size))
+            } else {
+                access.size.mask()
+            }),
+        }
+    } else {
+        return Err(StopReason::UnhandledMemoryAccess {
+            rip,
+            gpa,
+            access: access.kind,
+        });
+    };
+    if let Some(value) = loaded
+        && let Some(slot) = x.get_mut(register)
+    {
+        *slot = access.load_result(value);
+    }
+    Ok(())
+}
+
 fn handle<B, D, C>(
     backend: &mut B,
     vcpu: &mut B::Vcpu,
@@ -320,6 +433,15 @@ where
             .map_err(StopReason::Backend)
     };
     match exit.reason {
+        VcpuExit::Hypercall { .. } if let Some(mut arm) = backend.aarch64_registers(vcpu) => {
+            let length = known_length(exit)?;
+            aarch64_hypercall(env.dispatcher, env.vm, env.memory, &mut arm.x);
+            backend
+                .set_aarch64_registers(vcpu, &arm)
+                .map_err(StopReason::Backend)?;
+            skip(backend, vcpu, length)?;
+            Ok(ExitAction::Resume)
+        }
         VcpuExit::Hypercall { .. } => {
             let length = instruction_length(backend, vcpu, exit, env.memory, |op| {
                 matches!(op, Operation::Vmmcall | Operation::Vmcall)
@@ -364,6 +486,14 @@ where
             }
             skip(backend, vcpu, length)?;
             Ok(ExitAction::Resume)
+        }
+        // aarch64 data accesses arrive as DecodedMmio/UndecodableMmio;
+        // what remains (instruction fetches, the guest's own table walks)
+        // is never emulated, and x86 code must not be decoded.
+        VcpuExit::NestedPageFault { gpa, access, .. }
+            if backend.aarch64_registers(vcpu).is_some() =>
+        {
+            Err(StopReason::UnhandledMemoryAccess { rip, gpa, access })
         }
         VcpuExit::NestedPageFault {
             gpa,
@@ -449,6 +579,28 @@ where
             } else {
                 ExitAction::Resume
             })
+        }
+        VcpuExit::DecodedMmio { gpa, access } => {
+            let length = known_length(exit)?;
+            let mut arm = backend.aarch64_registers(vcpu).ok_or(StopReason::Backend(
+                VcpuError::Unsupported("a decoded MMIO exit without aarch64 registers"),
+            ))?;
+            emulate_decoded_access(env, gpa, access, &mut arm.x, rip)?;
+            backend
+                .set_aarch64_registers(vcpu, &arm)
+                .map_err(StopReason::Backend)?;
+            skip(backend, vcpu, length)?;
+            Ok(ExitAction::Resume)
+        }
+        VcpuExit::UndecodableMmio { gpa, access } => {
+            Err(StopReason::UndecodableAccess { rip, gpa, access })
+        }
+        VcpuExit::Yield => {
+            // WFE may complete at any time (Arm ARM, "Wait for Event"):
+            // carrying on is a correct answer.
+            let length = known_length(exit)?;
+            skip(backend, vcpu, length)?;
+            Ok(ExitAction::Resume)
         }
         VcpuExit::Shutdown => Err(StopReason::TripleFault),
         VcpuExit::InterruptWindow | VcpuExit::ExternalInterrupt => Ok(ExitAction::Resume),

@@ -24,7 +24,8 @@
 //! object model: bus mastering follows `DEVICE_BIND`/`DEVICE_UNBIND`, DMA
 //! faults are moved into the guests' fault queues before each hypercall,
 //! and guest `WBINVD` follows the VM's WBINVD policy. A vCPU that halts
-//! with interrupts disabled has finished: there is nothing to wake it.
+//! (x86 `HLT`, Arm `WFI`) with interrupts disabled (RFLAGS.IF clear,
+//! PSTATE.I set) has finished: there is nothing to wake it.
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -97,7 +98,9 @@ impl ExitStats {
                 *self.by_command.entry(*command).or_default() += 1;
             }
             VcpuExit::PortIo(_) => self.port_io += 1,
-            VcpuExit::NestedPageFault { .. } => self.nested_page_faults += 1,
+            VcpuExit::NestedPageFault { .. }
+            | VcpuExit::DecodedMmio { .. }
+            | VcpuExit::UndecodableMmio { .. } => self.nested_page_faults += 1,
             VcpuExit::Cpuid { .. } => self.cpuid += 1,
             VcpuExit::Msr { .. } => self.msr += 1,
             VcpuExit::Hlt => self.hlt += 1,
@@ -405,7 +408,11 @@ where
             ExitAction::Resume => {}
             ExitAction::FlushCaches => host.flush_caches(),
             ExitAction::Halt => {
-                if backend.registers(vcpu).rflags & RFLAGS_IF == 0 {
+                let interrupts_on = match backend.aarch64_registers(vcpu) {
+                    Some(arm) => arm.irqs_unmasked(),
+                    None => backend.registers(vcpu).rflags & RFLAGS_IF != 0,
+                };
+                if !interrupts_on {
                     log::info!("VM {}: halted with interrupts disabled: finished", vm.name);
                     return RunEnd::Finished;
                 }

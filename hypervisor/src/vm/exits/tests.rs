@@ -487,3 +487,386 @@ fn real_mode_and_paging_off_fetch_by_physical_address() {
     assert_eq!(w.rip(), CODE + 2);
     assert_eq!(TranslationState::default().code_mode(), CodeMode::Real16);
 }
+
+/// The aarch64 paths, over the real EL2 backend (its world switch is never
+/// called: exits are handed to the handler directly).
+mod aarch64 {
+    use super::*;
+    use crate::vcpu::el2::{
+        El2Backend, El2Features, El2Hardware, El2Vcpu, ExitSyndrome, GuestContext, GuestControl,
+    };
+    use crate::vcpu::{Aarch64EntryState, Aarch64Registers, DecodedAccess, pstate};
+    use crate::vm::boot::aarch64_layout;
+
+    struct NoWorldSwitch;
+    impl El2Hardware for NoWorldSwitch {
+        fn enter(&mut self, _: &mut GuestContext, _: &GuestControl) -> ExitSyndrome {
+            unreachable!("exits are handed to the handler directly")
+        }
+    }
+
+    const PC: u64 = 0x4020_0000;
+    const FOUR: InstructionLength = InstructionLength::Known(4);
+
+    struct ArmWorld {
+        ram: GuestRam<&'static ModelFrames>,
+        pci: GuestPciBus<&'static ModelConfigSpace>,
+        backend: El2Backend<NoWorldSwitch>,
+        vcpu: El2Vcpu,
+        dispatcher: Recorder,
+        console: Console,
+    }
+
+    impl ArmWorld {
+        fn new() -> Self {
+            let frames: &'static ModelFrames =
+                alloc::boxed::Box::leak(alloc::boxed::Box::new(ModelFrames::new()));
+            let ram = GuestRam::new(frames, &[(aarch64_layout::RAM_BASE, 4 << 20)]).unwrap();
+            let cfg: &'static ModelConfigSpace =
+                alloc::boxed::Box::leak(alloc::boxed::Box::new(ModelConfigSpace::new()));
+            cfg.add(NIC, FunctionBuilder::endpoint(0x8086, 0x10d3, 0x02_00_00));
+            let topo = enumerate(cfg, Segment(0), &[0], 0..=0);
+            let nic = topo.get(NIC).unwrap();
+            let pci = GuestPciBus::new(
+                cfg,
+                &[(nic, Bdf::new(0, 1, 0))],
+                aarch64_layout::BAR_WINDOW_BASE,
+                aarch64_layout::BAR_WINDOW_SIZE,
+            )
+            .unwrap();
+            let mut backend =
+                El2Backend::new(NoWorldSwitch, El2Features::from_id_registers(5, 0)).unwrap();
+            let mut registers = Aarch64Registers {
+                pc: PC,
+                pstate: pstate::MODE_EL1H | pstate::I | pstate::F | pstate::A | pstate::D,
+                ..Aarch64Registers::default()
+            };
+            for (i, x) in registers.x.iter_mut().enumerate() {
+                *x = 0x1000 + i as u64;
+            }
+            let vcpu = backend
+                .create_aarch64_vcpu(&Aarch64EntryState {
+                    registers,
+                    sp_el1: 0,
+                    sctlr_el1: 0,
+                    cpacr_el1: 0,
+                })
+                .unwrap();
+            Self {
+                ram,
+                pci,
+                backend,
+                vcpu,
+                dispatcher: Recorder(Vec::new()),
+                console: Console::new(),
+            }
+        }
+
+        fn handle(
+            &mut self,
+            reason: VcpuExit,
+            length: InstructionLength,
+        ) -> (ExitAction, Vec<String>) {
+            let rip = self.x().pc;
+            let mut env = ExitEnv {
+                vm: VmId(2),
+                vm_name: "arm0",
+                memory: &self.ram,
+                dispatcher: &mut self.dispatcher,
+                pci: &mut self.pci,
+                ecam: EcamWindow {
+                    base: aarch64_layout::ECAM_BASE,
+                    buses: 1,
+                },
+                console: &mut self.console,
+                cpuid: &Host,
+                wbinvd_flushes: false,
+                console_lines: Vec::new(),
+            };
+            let exit = Exit {
+                reason,
+                rip,
+                length,
+            };
+            let action = handle_exit(&mut self.backend, &mut self.vcpu, &exit, &mut env);
+            let lines = core::mem::take(&mut env.console_lines);
+            (action, lines)
+        }
+
+        fn x(&self) -> Aarch64Registers {
+            self.backend.aarch64_registers(&self.vcpu).unwrap()
+        }
+
+        fn set_x(&mut self, index: usize, value: u64) {
+            let mut r = self.x();
+            r.x[index] = value;
+            self.backend
+                .set_aarch64_registers(&mut self.vcpu, &r)
+                .unwrap();
+        }
+    }
+
+    fn mmio(gpa: u64, size: AccessSize, kind: AccessKind, register: u8) -> VcpuExit {
+        VcpuExit::DecodedMmio {
+            gpa,
+            access: DecodedAccess {
+                size,
+                kind,
+                register,
+                sign_extend: false,
+                register_64: false,
+            },
+        }
+    }
+
+    #[test]
+    fn hypercall_uses_x0_x1_and_answers_in_x0() {
+        let mut w = ArmWorld::new();
+        w.set_x(0, sluice_abi::regs::AARCH64_FUNCTION_BASE | 0x85);
+        w.set_x(1, 0x4000_3000);
+        let before = w.x();
+        let (a, _) = w.handle(
+            VcpuExit::Hypercall {
+                command: 0x85,
+                argument: 0x4000_3000,
+            },
+            FOUR,
+        );
+        assert_eq!(a, ExitAction::Resume);
+        assert_eq!(w.dispatcher.0, [(0x85, 0x4000_3000)]);
+        let after = w.x();
+        assert_eq!(after.x[0], (-22i64) as u64);
+        assert_eq!(after.x[1..], before.x[1..], "only X0 changes");
+        assert_eq!(after.pc, PC + 4);
+        // A PSCI call (through HVC or a trapped SMC) is not Sluice's: SMCCC
+        // NOT_SUPPORTED, the dispatcher never sees it.
+        w.set_x(0, 0x8400_0000);
+        let (a, _) = w.handle(
+            VcpuExit::Hypercall {
+                command: 0x8400_0000,
+                argument: 0,
+            },
+            FOUR,
+        );
+        assert_eq!(a, ExitAction::Resume);
+        assert_eq!(w.x().x[0], u64::MAX);
+        assert_eq!(w.dispatcher.0.len(), 1);
+        assert_eq!(w.x().pc, PC + 8);
+    }
+
+    #[test]
+    fn console_register_prints_low_bytes() {
+        let mut w = ArmWorld::new();
+        let mut lines = Vec::new();
+        for (i, b) in b"arm\n".iter().enumerate() {
+            // STRB W7 (upper bits ignored), any register.
+            w.set_x(7, 0xffff_ff00 | u64::from(*b));
+            let (a, l) = w.handle(
+                mmio(
+                    aarch64_layout::CONSOLE_GPA,
+                    AccessSize::Byte,
+                    AccessKind::Write,
+                    7,
+                ),
+                FOUR,
+            );
+            assert_eq!(a, ExitAction::Resume);
+            assert_eq!(w.x().pc, PC + 4 * (i as u64 + 1));
+            lines.extend(l);
+        }
+        assert_eq!(lines, ["arm"]);
+        // A load reads 0; a store from XZR prints NUL as `?`.
+        let (a, _) = w.handle(
+            mmio(
+                aarch64_layout::CONSOLE_GPA,
+                AccessSize::Dword,
+                AccessKind::Read,
+                9,
+            ),
+            FOUR,
+        );
+        assert_eq!(a, ExitAction::Resume);
+        assert_eq!(w.x().x[9], 0);
+        w.handle(
+            mmio(
+                aarch64_layout::CONSOLE_GPA,
+                AccessSize::Byte,
+                AccessKind::Write,
+                31,
+            ),
+            FOUR,
+        );
+        w.set_x(2, u64::from(b'\n'));
+        let (_, l) = w.handle(
+            mmio(
+                aarch64_layout::CONSOLE_GPA,
+                AccessSize::Byte,
+                AccessKind::Write,
+                2,
+            ),
+            FOUR,
+        );
+        assert_eq!(l, ["?"]);
+    }
+
+    #[test]
+    fn ecam_from_the_syndrome() {
+        let mut w = ArmWorld::new();
+        let dev1 = aarch64_layout::ECAM_BASE + 0x8000;
+        // LDR W3, [vendor/device of guest 00:01.0].
+        let (a, _) = w.handle(mmio(dev1, AccessSize::Dword, AccessKind::Read, 3), FOUR);
+        assert_eq!(a, ExitAction::Resume);
+        assert_eq!(w.x().x[3], 0x10d3_8086);
+        assert_eq!(w.x().pc, PC + 4);
+        // LDRSH X4, [device ID]: sign-extended into the X register.
+        let signed = VcpuExit::DecodedMmio {
+            gpa: dev1 + 2,
+            access: DecodedAccess {
+                size: AccessSize::Word,
+                kind: AccessKind::Read,
+                register: 4,
+                sign_extend: true,
+                register_64: true,
+            },
+        };
+        w.handle(signed, FOUR);
+        assert_eq!(w.x().x[4], 0x10d3);
+        // Unowned functions and 8-byte accesses read all ones.
+        w.handle(
+            mmio(dev1 + 0x8000, AccessSize::Dword, AccessKind::Read, 5),
+            FOUR,
+        );
+        assert_eq!(w.x().x[5], 0xffff_ffff);
+        let wide = VcpuExit::DecodedMmio {
+            gpa: dev1,
+            access: DecodedAccess {
+                size: AccessSize::Qword,
+                kind: AccessKind::Read,
+                register: 6,
+                sign_extend: false,
+                register_64: true,
+            },
+        };
+        w.handle(wide, FOUR);
+        assert_eq!(w.x().x[6], u64::MAX);
+        // STRH W8 to COMMAND: memory space on; bus mastering stays off
+        // (not bound).
+        w.set_x(8, 0x0006);
+        w.handle(mmio(dev1 + 4, AccessSize::Word, AccessKind::Write, 8), FOUR);
+        assert_eq!(
+            w.pci.device(Bdf::new(0, 1, 0)).unwrap().guest_command(),
+            0x0002
+        );
+        // A store from XZR writes zero.
+        w.handle(
+            mmio(dev1 + 4, AccessSize::Word, AccessKind::Write, 31),
+            FOUR,
+        );
+        assert_eq!(w.pci.device(Bdf::new(0, 1, 0)).unwrap().guest_command(), 0);
+        // A load into XZR is discarded.
+        let before = w.x();
+        let (a, _) = w.handle(mmio(dev1, AccessSize::Dword, AccessKind::Read, 31), FOUR);
+        assert_eq!(a, ExitAction::Resume);
+        assert_eq!(w.x().x, before.x);
+    }
+
+    #[test]
+    fn what_cannot_be_emulated_stops_the_vm() {
+        let mut w = ArmWorld::new();
+        let stop = w
+            .handle(
+                VcpuExit::UndecodableMmio {
+                    gpa: aarch64_layout::ECAM_BASE,
+                    access: AccessKind::Read,
+                },
+                FOUR,
+            )
+            .0;
+        assert_eq!(
+            stop,
+            ExitAction::Stop(StopReason::UndecodableAccess {
+                rip: PC,
+                gpa: aarch64_layout::ECAM_BASE,
+                access: AccessKind::Read
+            })
+        );
+        assert!(stop_text(&stop).contains("single LDR/STR"));
+        assert_eq!(w.x().pc, PC, "never resumed past the access");
+        // Outside the console and the ECAM window.
+        assert_eq!(
+            w.handle(
+                mmio(0x0800_0000, AccessSize::Dword, AccessKind::Write, 1),
+                FOUR
+            )
+            .0,
+            ExitAction::Stop(StopReason::UnhandledMemoryAccess {
+                rip: PC,
+                gpa: 0x0800_0000,
+                access: AccessKind::Write
+            })
+        );
+        // An instruction fetch from the ECAM window: never emulated (and no
+        // x86 decoding of aarch64 code).
+        assert_eq!(
+            w.handle(
+                VcpuExit::NestedPageFault {
+                    gpa: aarch64_layout::ECAM_BASE,
+                    access: AccessKind::Execute,
+                    present: false,
+                    instruction: InstructionBytes::default()
+                },
+                InstructionLength::Unknown
+            )
+            .0,
+            ExitAction::Stop(StopReason::UnhandledMemoryAccess {
+                rip: PC,
+                gpa: aarch64_layout::ECAM_BASE,
+                access: AccessKind::Execute
+            })
+        );
+        assert_eq!(
+            w.handle(
+                mmio(
+                    aarch64_layout::ECAM_BASE,
+                    AccessSize::Dword,
+                    AccessKind::Read,
+                    1
+                ),
+                InstructionLength::Unknown
+            )
+            .0,
+            ExitAction::Stop(StopReason::UnknownLength { rip: PC })
+        );
+        // MSR traps would need an exception injected: refused.
+        assert!(matches!(
+            w.handle(
+                VcpuExit::Msr {
+                    access: crate::vcpu::MsrAccess::Read,
+                    index: 0x10,
+                    value: 0
+                },
+                FOUR
+            )
+            .0,
+            ExitAction::Stop(StopReason::Backend(VcpuError::Unsupported(_)))
+        ));
+        assert_eq!(w.x().pc, PC);
+    }
+
+    #[test]
+    fn wfi_halts_wfe_resumes() {
+        let mut w = ArmWorld::new();
+        assert_eq!(w.handle(VcpuExit::Hlt, FOUR).0, ExitAction::Halt);
+        assert_eq!(w.x().pc, PC + 4);
+        assert_eq!(w.handle(VcpuExit::Yield, FOUR).0, ExitAction::Resume);
+        assert_eq!(w.x().pc, PC + 8);
+        assert!(!w.x().irqs_unmasked());
+    }
+
+    fn stop_text(action: &ExitAction) -> String {
+        match action {
+            ExitAction::Stop(reason) => alloc::format!("{reason}"),
+            other => alloc::format!("{other:?}"),
+        }
+    }
+}
