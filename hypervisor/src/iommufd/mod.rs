@@ -24,6 +24,7 @@ pub mod backend;
 pub mod dispatch;
 pub mod guest_memory;
 pub mod ioas;
+pub mod smmu_backend;
 pub mod vtd_backend;
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};

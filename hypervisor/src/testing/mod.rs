@@ -83,6 +83,7 @@
 //! ```
 
 mod mock_iommu;
+mod smmu_iommu;
 mod vtd_iommu;
 
 use alloc::boxed::Box;
@@ -96,6 +97,7 @@ use sluice_hal::PhysAddr;
 use sluice_hal::model::ModelMemory;
 
 pub use mock_iommu::MockIommu;
+pub use smmu_iommu::{FlakySmmu, SmmuFlavour, SmmuModelIommu};
 pub use vtd_iommu::{FlakyMmio, VtdFlavour, VtdModelIommu};
 
 /// An IOMMU backend the test platform can drive: the [`MockIommu`], or
@@ -183,11 +185,17 @@ impl TestIommu for MockIommu {
 pub enum BackendKind {
     Mock,
     Vtd(VtdFlavour),
+    /// Sluice's SMMUv3 backend and driver over register models
+    /// ([`SmmuModelIommu`]).
+    Smmu(SmmuFlavour),
 }
 
 impl BackendKind {
     pub fn is_vtd(&self) -> bool {
         matches!(self, BackendKind::Vtd(_))
+    }
+    pub fn is_smmu(&self) -> bool {
+        matches!(self, BackendKind::Smmu(_))
     }
 }
 
@@ -520,6 +528,12 @@ impl PlatformBuilder {
         self.build_with(|mem| VtdModelIommu::new(mem, flavour))
     }
 
+    /// Builds the platform over Sluice's SMMUv3 backend and driver, on
+    /// register models of SMMUs ([`SmmuModelIommu`]).
+    pub fn build_smmu(self, flavour: SmmuFlavour) -> Platform<SmmuModelIommu> {
+        self.build_with(|mem| SmmuModelIommu::new(mem, flavour))
+    }
+
     /// Builds the platform over the backend `kind` names.
     pub fn build_any(self, kind: BackendKind) -> AnyPlatform {
         match kind {
@@ -528,6 +542,9 @@ impl PlatformBuilder {
             }
             BackendKind::Vtd(flavour) => self
                 .build_with(|mem| Box::new(VtdModelIommu::new(mem, flavour)) as Box<dyn TestIommu>),
+            BackendKind::Smmu(flavour) => self.build_with(|mem| {
+                Box::new(SmmuModelIommu::new(mem, flavour)) as Box<dyn TestIommu>
+            }),
         }
     }
 

@@ -65,5 +65,5 @@ pub use error::{CommandErrorKind, SmmuError, Stage};
 pub use events::{Access, EventKind, EventRecord, FaultClass, SmmuFault};
 pub use unit::{
     AttributedFault, EventDrain, SmmuConfig, SmmuDomainConfig, SmmuDomainId, SmmuDomainInfo,
-    SmmuUnit, StageRequest, StreamTableLayout, StreamTableRequest,
+    SmmuDomainShape, SmmuUnit, StageRequest, StreamTableLayout, StreamTableRequest,
 };

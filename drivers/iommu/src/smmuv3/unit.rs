@@ -173,6 +173,20 @@ pub struct SmmuDomainInfo {
     pub table_pages: usize,
 }
 
+/// What a domain would be, before it is made
+/// ([`SmmuUnit::domain_shape`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmmuDomainShape {
+    pub stage: Stage,
+    pub input_bits: u32,
+    pub output_bits: u32,
+    /// Bitmap of page sizes (bit n: 2^n bytes).
+    pub page_sizes: u64,
+}
+
+/// Leaf sizes of every domain: 4 KiB, 2 MiB, 1 GiB.
+const DOMAIN_PAGE_SIZES: u64 = (1 << 12) | (1 << 21) | (1 << 30);
+
 /// A fault with the domain it was attributed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttributedFault {
@@ -637,6 +651,21 @@ impl<'a> SmmuUnit<'a> {
         self.base_pages.len()
     }
 
+    /// Pages the unit's own structures hold now: what bring-up allocated,
+    /// level-2 stream tables, and CD tables (roots and leaves). Domain
+    /// tables are counted per domain ([`SmmuDomainInfo::table_pages`]),
+    /// pages held back after failed invalidations by
+    /// [`quarantined_pages`](Self::quarantined_pages).
+    pub fn structure_pages(&self) -> usize {
+        let cd_pages: usize = self
+            .streams
+            .values()
+            .filter_map(|s| s.cd_table.as_ref())
+            .map(|t| 1 + t.leaves.len())
+            .sum();
+        self.base_pages.len() + self.l2_tables.len() + cd_pages
+    }
+
     pub fn command_queue(&self) -> PhysAddr {
         self.cmdq.base
     }
@@ -1044,9 +1073,10 @@ impl<'a> SmmuUnit<'a> {
         self.caps.oas_bits.min(48)
     }
 
-    /// Allocates an empty domain translating with the stage `config`
-    /// asks for, tagged with a fresh ASID (stage 1) or VMID (stage 2).
-    pub fn alloc_domain(&mut self, config: SmmuDomainConfig) -> Result<SmmuDomainId, SmmuError> {
+    /// What a domain allocated with `config` would be (stage, address
+    /// sizes, page sizes), without allocating anything: the same checks
+    /// [`alloc_domain`](Self::alloc_domain) makes.
+    pub fn domain_shape(&self, config: SmmuDomainConfig) -> Result<SmmuDomainShape, SmmuError> {
         let stage = match config.stage {
             StageRequest::Stage1 if !self.caps.stage1 => {
                 return Err(SmmuError::StageUnsupported(Stage::Stage1));
@@ -1060,18 +1090,50 @@ impl<'a> SmmuUnit<'a> {
             StageRequest::Any => Stage::Stage2,
         };
         let output_bits = self.output_bits();
+        let input_bits = match stage {
+            Stage::Stage1 => {
+                let bits = config.input_bits.unwrap_or(48).min(self.caps.va_bits);
+                if !(31..=48).contains(&bits) {
+                    return Err(SmmuError::InvalidConfig(
+                        "stage-1 input size outside 31..=48 bits",
+                    ));
+                }
+                bits
+            }
+            Stage::Stage2 => {
+                // The IPA size cannot exceed the output size (IAS = OAS
+                // for VMSAv8-64-only SMMUs, 3.4).
+                let bits = config.input_bits.unwrap_or(output_bits);
+                if !(31..=output_bits).contains(&bits) {
+                    return Err(SmmuError::InvalidConfig(
+                        "stage-2 input size outside 31 bits..OAS",
+                    ));
+                }
+                bits
+            }
+        };
+        Ok(SmmuDomainShape {
+            stage,
+            input_bits,
+            output_bits,
+            // 4 KiB granule: pages, 2 MiB and 1 GiB blocks (every table has
+            // a level-1 at least, as inputs are 31 bits or more).
+            page_sizes: DOMAIN_PAGE_SIZES,
+        })
+    }
+
+    /// Allocates an empty domain translating with the stage `config`
+    /// asks for, tagged with a fresh ASID (stage 1) or VMID (stage 2).
+    pub fn alloc_domain(&mut self, config: SmmuDomainConfig) -> Result<SmmuDomainId, SmmuError> {
+        let shape = self.domain_shape(config)?;
+        let (stage, output_bits) = (shape.stage, shape.output_bits);
         let coherent = self.coherent;
         let table_config = TableConfig::new(PageSize::Size1G, coherent);
         let bbm2 = self.caps.bbml == 2;
         let walk_attrs = WalkAttrs::for_coherency(coherent);
         let domain = match stage {
             Stage::Stage1 => {
-                let input_bits = config.input_bits.unwrap_or(48).min(self.caps.va_bits);
-                if !(31..=48).contains(&input_bits) {
-                    return Err(SmmuError::InvalidConfig(
-                        "stage-1 input size outside 31..=48 bits",
-                    ));
-                }
+                let input_bits = shape.input_bits;
                 // ASID 0 is left unused so a zeroed CD never aliases a domain.
                 let asid = (1..self.caps.asid_count())
                     .map(|a| a as u16)
@@ -1107,14 +1169,7 @@ impl<'a> SmmuUnit<'a> {
                 }
             }
             Stage::Stage2 => {
-                // The IPA size cannot exceed the output size (IAS = OAS
-                // for VMSAv8-64-only SMMUs, 3.4).
-                let input_bits = config.input_bits.unwrap_or(output_bits);
-                if !(31..=output_bits).contains(&input_bits) {
-                    return Err(SmmuError::InvalidConfig(
-                        "stage-2 input size outside 31 bits..OAS",
-                    ));
-                }
+                let input_bits = shape.input_bits;
                 // VMID 0 tags the stage-1-only STEs.
                 let vmid = (1..self.caps.vmid_count())
                     .map(|v| v as u16)
@@ -1397,10 +1452,12 @@ impl<'a> SmmuUnit<'a> {
                     self.drop_unused_stream_state(sid);
                     return Err(e);
                 }
+                let previous = self.current_ste(sid);
                 self.note_attached(sid, None, domain.0);
                 let ste = self.stage1_ste(sid).ok_or(SmmuError::NotAttached)?;
                 if let Err(e) = self.install_ste(sid, ste) {
                     self.note_detached(sid, None, domain.0);
+                    self.roll_back_ste(sid, previous);
                     return Err(e);
                 }
             }
@@ -1409,14 +1466,55 @@ impl<'a> SmmuUnit<'a> {
                     .domain(domain)?
                     .s2
                     .ok_or(SmmuError::WrongStage(Stage::Stage1))?;
+                let previous = self.current_ste(sid);
                 self.note_attached(sid, None, domain.0);
                 if let Err(e) = self.install_ste(sid, Ste::stage2(s2)) {
                     self.note_detached(sid, None, domain.0);
+                    self.roll_back_ste(sid, previous);
                     return Err(e);
                 }
             }
         }
         Ok(())
+    }
+
+    /// The STE of `sid` as last written (aborting if never).
+    fn current_ste(&self, sid: u32) -> Ste {
+        self.streams
+            .get(&sid)
+            .and_then(|s| s.ste)
+            .unwrap_or_else(Ste::abort)
+    }
+
+    /// After an attach whose STE invalidation failed (the new STE may
+    /// already be in memory): `previous` is put back, so the stream never
+    /// keeps translating through a domain the caller was told it is not
+    /// attached to. The SMMU may still hold the failed configuration in
+    /// its caches until an invalidation succeeds: callers flush
+    /// ([`flush_all`](Self::flush_all)) before freeing the domain. A CD
+    /// table made for the attach is freed only once the rollback's
+    /// CMD_CFGI_STE (which also drops the CDs cached through the STE, as
+    /// detaching relies on) completed.
+    fn roll_back_ste(&mut self, sid: u32, previous: Ste) {
+        match self.install_ste(sid, previous) {
+            Ok(()) => {
+                let substreams = self
+                    .streams
+                    .get(&sid)
+                    .is_some_and(|s| !s.substreams.is_empty());
+                if substreams {
+                    let _ = self.clear_cd(sid, 0);
+                } else {
+                    self.drop_unused_stream_state(sid);
+                }
+            }
+            Err(e) => log::error!(
+                "smmu{}: StreamID {sid:#x}: restoring its STE after a failed attach failed \
+                 ({e}); it aborts in memory, but the SMMU may hold the failed configuration \
+                 until a global invalidation",
+                self.config.index
+            ),
+        }
     }
 
     /// Aborts `sid`'s own traffic again.

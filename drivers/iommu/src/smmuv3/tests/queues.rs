@@ -228,3 +228,59 @@ fn msi_completion_writes_increasing_values() {
     let unit = init_with(&model, &mem, &clock, cfg);
     assert!(!unit.uses_msi_sync());
 }
+
+/// An attach whose STE invalidation never completes leaves the stream
+/// aborting in memory (the new STE was written before the CMD_SYNC), so
+/// the domain can be freed once a global invalidation succeeded, and the
+/// stream attaches normally afterwards.
+#[test]
+fn attach_whose_invalidation_fails_leaves_the_stream_aborting() {
+    use crate::smmuv3::structs::SteConfig;
+    use crate::smmuv3::unit::StreamTableRequest;
+    use crate::smmuv3::walker::WalkError;
+    for stage in [SmmuDomainConfig::stage1(), SmmuDomainConfig::stage2()] {
+        let mem = ModelMemory::new();
+        let model = SmmuModel::new(&mem, both_stages());
+        let clock = clock();
+        // Linear: no level-2 table whose own invalidation would fail first.
+        let config = crate::smmuv3::SmmuConfig {
+            stream_table: StreamTableRequest::Linear,
+            ..config()
+        };
+        let mut unit = init_with(&model, &mem, &clock, config);
+        let base = mem.live_pages();
+        let dom = unit.alloc_domain(stage).unwrap();
+        unit.map(dom, 0, phys(0x1000), 0x1000, MapPerms::READ_WRITE)
+            .unwrap();
+        model.set_stuck(Stuck {
+            sync: true,
+            ..Stuck::default()
+        });
+        let r = unit.attach_stream(SID_A, dom);
+        assert!(matches!(r, Err(SmmuError::Timeout { .. })), "{r:?}");
+        assert_eq!(unit.stream_domain(SID_A), None);
+        let ste = unit.read_ste(SID_A).unwrap();
+        assert!(
+            !ste.valid() || ste.config() == SteConfig::Abort,
+            "{stage:?}: the failed STE stayed in memory: {ste:?}"
+        );
+        model.set_stuck(Stuck::default());
+        unit.flush_all().unwrap();
+        assert!(
+            matches!(model.dma(read(SID_A, 0)), Err(WalkError::Abort)),
+            "{stage:?}: the stream still translates"
+        );
+        unit.free_domain(dom).unwrap();
+        // It attaches normally afterwards, and detaching gives back every
+        // page the failed attach made.
+        let dom = unit.alloc_domain(stage).unwrap();
+        unit.map(dom, 0, phys(0x1000), 0x1000, MapPerms::READ_WRITE)
+            .unwrap();
+        unit.attach_stream(SID_A, dom).unwrap();
+        assert_eq!(model.dma(read(SID_A, 0)).unwrap().phys, phys(0x1000));
+        unit.detach_stream(SID_A).unwrap();
+        unit.free_domain(dom).unwrap();
+        assert_eq!(mem.live_pages(), base, "{stage:?}");
+        assert!(model.violations().is_empty(), "{:?}", model.violations());
+    }
+}

@@ -178,3 +178,67 @@ fn non_coherent_smmu_structures_are_non_cacheable_and_stall_free() {
     );
     assert!(model.violations().is_empty(), "{:?}", model.violations());
 }
+
+#[test]
+fn domain_shape_predicts_the_domain_and_structure_pages_add_up() {
+    use crate::smmuv3::{SmmuError, Stage};
+    let mem = ModelMemory::new();
+    let model = SmmuModel::new(&mem, both_stages());
+    let clock = clock();
+    let mut unit = init(&model, &mem, &clock);
+    let base = unit.structure_pages();
+    assert_eq!(base, unit.base_pages(), "nothing attached yet");
+    assert_eq!(mem.live_pages(), base);
+    for config in [
+        SmmuDomainConfig::any(),
+        SmmuDomainConfig::stage1(),
+        SmmuDomainConfig::stage1().with_input_bits(39),
+        SmmuDomainConfig::stage2(),
+        SmmuDomainConfig::stage2().with_input_bits(40),
+    ] {
+        let shape = unit.domain_shape(config).unwrap();
+        let before = mem.live_pages();
+        let dom = unit.alloc_domain(config).unwrap();
+        let info = unit.domain_info(dom).unwrap();
+        assert_eq!(
+            (
+                shape.stage,
+                shape.input_bits,
+                shape.output_bits,
+                shape.page_sizes
+            ),
+            (
+                info.stage,
+                info.input_bits,
+                info.output_bits,
+                info.page_sizes
+            ),
+            "{config:?}"
+        );
+        assert_eq!(mem.live_pages(), before + info.table_pages);
+        unit.free_domain(dom).unwrap();
+    }
+    assert_eq!(
+        unit.domain_shape(SmmuDomainConfig::any()).unwrap().stage,
+        Stage::Stage1
+    );
+    assert!(matches!(
+        unit.domain_shape(SmmuDomainConfig::stage1().with_input_bits(30)),
+        Err(SmmuError::InvalidConfig(_))
+    ));
+    // Stream, CD and level-2 pages: every live page is a structure page
+    // or a domain table page.
+    let dom = unit.alloc_domain(SmmuDomainConfig::stage1()).unwrap();
+    unit.attach_stream(SID_A, dom).unwrap();
+    unit.attach_stream(SID_B, dom).unwrap();
+    unit.attach_substream(SID_A, 3, dom).unwrap();
+    let tables = unit.domain_info(dom).unwrap().table_pages;
+    assert!(unit.structure_pages() > base + 2, "L2 tables and CD tables");
+    assert_eq!(mem.live_pages(), unit.structure_pages() + tables);
+    unit.detach_substream(SID_A, 3).unwrap();
+    unit.detach_stream(SID_A).unwrap();
+    unit.detach_stream(SID_B).unwrap();
+    assert_eq!(unit.structure_pages(), base);
+    unit.free_domain(dom).unwrap();
+    assert_eq!(mem.live_pages(), base);
+}
