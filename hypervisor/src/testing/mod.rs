@@ -12,8 +12,11 @@
 //!   VT-d units ([`VtdModelIommu`]); the device capabilities become the
 //!   units' capability registers, and DMAs go through the model's caches
 //!   and fault registers;
-//! * [`PlatformBuilder::build_any`]: either, chosen by a [`BackendKind`],
-//!   so one test function can run against every backend.
+//! * [`PlatformBuilder::build_smmu`]: Sluice's real SMMUv3 backend
+//!   ([`crate::iommufd::smmu_backend::SmmuBackend`]) and driver over
+//!   register models of SMMUs ([`SmmuModelIommu`]);
+//! * [`PlatformBuilder::build_any`]: any of them, chosen by a
+//!   [`BackendKind`], so one test function can run against every backend.
 //!
 //! Hypercalls go through [`Iommufd::dispatch`] — the same entry point
 //! guests use — with their argument structs written into the VM's RAM;

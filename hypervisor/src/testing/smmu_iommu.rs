@@ -5,7 +5,8 @@
 //! support is IDR1.SSIDSIZE (with 2-level CD tables beyond 6 bits), the
 //! input width is the width the backend's domains are made with; devices
 //! whose capabilities (and test unit number) are equal share an SMMU,
-//! others get one each. Two requests cannot be honoured and are reported
+//! others get one each (MSI isolation included: it belongs to the ITS
+//! behind the SMMU). Two requests cannot be honoured and are reported
 //! as the backend decides, not as asked: snoop control (an SMMU cannot
 //! force a No-Snoop DMA coherent with stage-1 domains, see
 //! [`crate::iommufd::smmu_backend`]) is always off, and the page sizes are
@@ -113,8 +114,9 @@ impl Mmio for FlakySmmu {
 }
 
 struct TestUnit {
-    /// The test's unit number and the shape derived for it.
-    key: (u32, IdrBuilder, u8),
+    /// The test's unit number, the registers and IOVA width derived for
+    /// it, and whether its ITS isolates MSIs.
+    key: (u32, IdrBuilder, u8, bool),
     index: u32,
     model: &'static SmmuModel<'static>,
     mmio: &'static FlakySmmu,
@@ -249,7 +251,12 @@ impl SmmuModelIommu {
 
     fn unit_for(&mut self, caps: &IommuCaps) -> usize {
         let regs = self.registers(caps);
-        let key = (caps.unit, regs, caps.input_address_bits);
+        let key = (
+            caps.unit,
+            regs,
+            caps.input_address_bits,
+            caps.interrupt_remapping,
+        );
         if let Some(n) = self.units.iter().position(|u| u.key == key) {
             return n;
         }
