@@ -9,7 +9,12 @@
 //! out-of-RAM segments, bad headers and an entry point outside the
 //! loaded code are errors, never a partially booted VM.
 //!
-//! Guest-physical layout of the boot area (first MiB of RAM):
+//! aarch64 guests ([`boot_aarch64`]) start at EL1 with the MMU off instead:
+//! no tables or descriptor tables are built, `X0` is the start-info
+//! address and `SP_EL1` the top of the initial stack, in the first MiB of
+//! their RAM at [`aarch64_layout::RAM_BASE`].
+//!
+//! Guest-physical layout of the x86 boot area (first MiB of RAM):
 //!
 //! | GPA | contents |
 //! | --- | --- |
@@ -32,9 +37,10 @@ use sluice_iommu::pagetable::{IoPageTable, MapPerms, PageSize, PageTableError, T
 
 use super::memory::layout;
 use crate::iommufd::{GuestMemory, GuestMemoryError};
+use crate::vcpu::el2::sysregs::{CPACR_EL1_FPEN, SCTLR_EL1_MMU_OFF};
 use crate::vcpu::{
-    DescriptorTable, EntryState, GuestRegisters, PAT_RESET_VALUE, RFLAGS_RESERVED_ONE, Segment, cr,
-    gpr,
+    Aarch64EntryState, Aarch64Registers, DescriptorTable, EntryState, GuestRegisters,
+    PAT_RESET_VALUE, RFLAGS_RESERVED_ONE, Segment, cr, gpr, pstate,
 };
 
 pub const GDT_GPA: u64 = 0x1000;
@@ -86,6 +92,24 @@ pub mod aarch64_layout {
     pub const RAM_BASE: u64 = 0x4000_0000;
     /// The highest guest-physical address plus one (39-bit IPA space).
     pub const GPA_LIMIT: u64 = 1 << 39;
+    /// The boot area: the first MiB of RAM.
+    pub const BOOT_AREA_SIZE: u64 = 0x10_0000;
+    /// The start-info block (at most [`super::START_INFO_MAX`] bytes).
+    pub const START_INFO_GPA: u64 = RAM_BASE + 0x2000;
+    /// `SP_EL1` at entry: the initial stack is the boot area's upper half.
+    pub const STACK_TOP: u64 = RAM_BASE + BOOT_AREA_SIZE;
+    /// The lowest address a `PT_LOAD` segment may use.
+    pub const IMAGE_BASE_MIN: u64 = RAM_BASE + BOOT_AREA_SIZE;
+
+    /// RAM regions `(gpa, length)` for `memory` bytes: one, from
+    /// [`RAM_BASE`].
+    pub fn ram_regions(memory: u64) -> alloc::vec::Vec<(u64, u64)> {
+        if memory == 0 {
+            alloc::vec::Vec::new()
+        } else {
+            alloc::vec![(RAM_BASE, memory)]
+        }
+    }
 }
 
 /// ELF header and program header constants (System V ABI, "ELF Header"
@@ -124,6 +148,31 @@ impl Machine {
         match self {
             Machine::X86_64 => elf::EM_X86_64,
             Machine::Aarch64 => elf::EM_AARCH64,
+        }
+    }
+
+    /// The boot area `[start, end)` no image segment may touch.
+    pub const fn boot_area(self) -> (u64, u64) {
+        match self {
+            Machine::X86_64 => (0, IMAGE_BASE_MIN),
+            Machine::Aarch64 => (aarch64_layout::RAM_BASE, aarch64_layout::IMAGE_BASE_MIN),
+        }
+    }
+
+    /// The guest's ECAM window and BAR window, `(base, size)` each.
+    pub const fn pci_windows(self) -> ((u64, u64), (u64, u64)) {
+        match self {
+            Machine::X86_64 => (
+                (layout::ECAM_BASE, layout::ECAM_SIZE),
+                (layout::BAR_WINDOW_BASE, layout::BAR_WINDOW_SIZE),
+            ),
+            Machine::Aarch64 => (
+                (aarch64_layout::ECAM_BASE, aarch64_layout::ECAM_SIZE),
+                (
+                    aarch64_layout::BAR_WINDOW_BASE,
+                    aarch64_layout::BAR_WINDOW_SIZE,
+                ),
+            ),
         }
     }
 }
@@ -166,7 +215,8 @@ pub enum ElfError {
         vaddr: u64,
         paddr: u64,
     },
-    /// The segment reaches into the boot area below [`IMAGE_BASE_MIN`].
+    /// The segment reaches into the boot area ([`Machine::boot_area`]: below
+    /// [`IMAGE_BASE_MIN`] on x86_64, the first MiB of RAM on aarch64).
     InBootArea {
         segment: usize,
         gpa: u64,
@@ -228,7 +278,8 @@ impl fmt::Display for ElfError {
             ),
             Self::InBootArea { segment, gpa } => write!(
                 f,
-                "segment {segment} at {gpa:#x} reaches below {IMAGE_BASE_MIN:#x}, into the boot area"
+                "segment {segment} at {gpa:#x} reaches into the boot area (images start at {IMAGE_BASE_MIN:#x} on x86_64, {:#x} on aarch64)",
+                aarch64_layout::IMAGE_BASE_MIN
             ),
             Self::OutsideRam { segment, gpa, end } => write!(
                 f,
@@ -261,6 +312,11 @@ pub enum BootError {
     /// The guest arguments break the `args=` rules
     /// ([`super::config::valid_args`]).
     BadArgs,
+    /// Guest RAM reaches `end`, beyond the guest-physical address space
+    /// (aarch64: [`aarch64_layout::GPA_LIMIT`]).
+    RamBeyondAddressSpace {
+        end: u64,
+    },
 }
 
 impl From<ElfError> for BootError {
@@ -296,6 +352,11 @@ impl fmt::Display for BootError {
             Self::BadArgs => {
                 f.write_str("guest arguments must be 1-64 letters, digits, `_`, `.`, `,` or `-`")
             }
+            Self::RamBeyondAddressSpace { end } => write!(
+                f,
+                "guest RAM ends at {end:#x}, beyond the {} GiB guest-physical address space",
+                aarch64_layout::GPA_LIMIT >> 30
+            ),
         }
     }
 }
@@ -440,7 +501,8 @@ pub fn load_elf(
                 paddr: seg.paddr,
             });
         }
-        if seg.paddr < IMAGE_BASE_MIN {
+        let (boot_start, boot_end) = machine.boot_area();
+        if seg.paddr < boot_end && end > boot_start {
             return Err(ElfError::InBootArea {
                 segment: index,
                 gpa: seg.paddr,
@@ -703,9 +765,21 @@ fn subtract(ram: &[(u64, u64)], taken: &[(u64, u64)]) -> Vec<(u64, u64)> {
     free.into_iter().map(|(s, e)| (s, e - s)).collect()
 }
 
-/// The memory map of a VM with `ram` regions and `image` loaded.
+/// The memory map of an x86 VM with `ram` regions and `image` loaded.
 pub fn memory_map(ram: &[(u64, u64)], image: &LoadedImage) -> Vec<MemoryRegion> {
-    let boot = (0u64, IMAGE_BASE_MIN);
+    machine_memory_map(Machine::X86_64, ram, image)
+}
+
+/// The memory map of a `machine` VM with `ram` regions and `image` loaded:
+/// free RAM, the boot area, the image, the ECAM and BAR windows.
+pub fn machine_memory_map(
+    machine: Machine,
+    ram: &[(u64, u64)],
+    image: &LoadedImage,
+) -> Vec<MemoryRegion> {
+    let (boot_start, boot_end) = machine.boot_area();
+    let boot = (boot_start, boot_end - boot_start);
+    let ((ecam_base, ecam_size), (bar_base, bar_size)) = machine.pci_windows();
     let page = |x: u64| x & !(PAGE_SIZE - 1);
     let image_ranges: Vec<(u64, u64)> = image
         .segments
@@ -728,8 +802,8 @@ pub fn memory_map(ram: &[(u64, u64)], image: &LoadedImage) -> Vec<MemoryRegion> 
         .collect();
     // The boot area as far as it is RAM.
     for (base, length) in ram.iter().filter_map(|&(b, l)| {
-        let s = b.max(boot.0);
-        let e = (b + l).min(boot.1);
+        let s = b.max(boot_start);
+        let e = (b + l).min(boot_end);
         if s < e { Some((s, e - s)) } else { None }
     }) {
         map.push(MemoryRegion {
@@ -746,13 +820,13 @@ pub fn memory_map(ram: &[(u64, u64)], image: &LoadedImage) -> Vec<MemoryRegion> 
         });
     }
     map.push(MemoryRegion {
-        base: layout::ECAM_BASE,
-        length: layout::ECAM_SIZE,
+        base: ecam_base,
+        length: ecam_size,
         kind: region_kind::ECAM,
     });
     map.push(MemoryRegion {
-        base: layout::BAR_WINDOW_BASE,
-        length: layout::BAR_WINDOW_SIZE,
+        base: bar_base,
+        length: bar_size,
         kind: region_kind::PCI_MMIO,
     });
     map.sort_by_key(|r| r.base);
@@ -969,6 +1043,89 @@ pub fn boot_x86(
     let cr3 = build_identity_tables(mem, ram, one_gib_pages)?;
     Ok(BootedGuest {
         entry_state: x86_entry_state(loaded.entry, cr3),
+        image: loaded,
+        start_info: info,
+    })
+}
+
+/// The vCPU state at an aarch64 guest's entry point: EL1h with D, A, I
+/// and F masked, the MMU, caches and alignment checks off, FP/SIMD usable,
+/// `X0` = start info, `SP_EL1` = [`aarch64_layout::STACK_TOP`], every other
+/// register zero.
+pub fn aarch64_entry_state(entry: u64) -> Aarch64EntryState {
+    let mut x = [0u64; 31];
+    x[0] = aarch64_layout::START_INFO_GPA;
+    Aarch64EntryState {
+        registers: Aarch64Registers {
+            x,
+            pc: entry,
+            pstate: pstate::MODE_EL1H | pstate::D | pstate::A | pstate::I | pstate::F,
+        },
+        sp_el1: aarch64_layout::STACK_TOP,
+        sctlr_el1: SCTLR_EL1_MMU_OFF,
+        cpacr_el1: CPACR_EL1_FPEN,
+    }
+}
+
+/// What [`boot_aarch64`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootedAarch64Guest {
+    pub entry_state: Aarch64EntryState,
+    pub image: LoadedImage,
+    pub start_info: StartInfo,
+}
+
+/// Boots an aarch64 guest: loads `image` (`EM_AARCH64`), writes the start
+/// info, and returns the first vCPU's entry state ([`aarch64_entry_state`]).
+/// The guest starts with its MMU off, so no tables are built. `ram` are
+/// the VM's RAM regions (the first MiB at [`aarch64_layout::RAM_BASE`] is
+/// the boot area); `devices` its passed-through functions; `args` its
+/// `args=` word (empty for none).
+pub fn boot_aarch64(
+    mem: &dyn GuestMemory,
+    ram: &[(u64, u64)],
+    image: &[u8],
+    devices: &[StartInfoDevice],
+    args: &str,
+) -> Result<BootedAarch64Guest, BootError> {
+    if !args.is_empty() && !super::config::valid_args(args) {
+        return Err(BootError::BadArgs);
+    }
+    if let Some(end) = ram
+        .iter()
+        .map(|&(b, l)| b.saturating_add(l))
+        .find(|&end| end > aarch64_layout::GPA_LIMIT)
+    {
+        return Err(BootError::RamBeyondAddressSpace { end });
+    }
+    let (boot_start, boot_end) = Machine::Aarch64.boot_area();
+    if !ram
+        .iter()
+        .any(|&(b, l)| b <= boot_start && b.saturating_add(l) >= boot_end)
+    {
+        return Err(BootError::Memory(GuestMemoryError::Unmapped {
+            gpa: boot_end - 1,
+        }));
+    }
+    let loaded = load_elf(mem, ram, image, Machine::Aarch64)?;
+    let info = StartInfo {
+        image_start: loaded.start,
+        image_end: loaded.end,
+        ecam_base: aarch64_layout::ECAM_BASE,
+        ecam_buses: 1,
+        console_kind: console_kind::MMIO,
+        console_address: aarch64_layout::CONSOLE_GPA,
+        memory_map: machine_memory_map(Machine::Aarch64, ram, &loaded),
+        devices: devices.to_vec(),
+        args: String::from(args),
+    };
+    let bytes = info.encode();
+    if bytes.len() as u64 > START_INFO_MAX {
+        return Err(BootError::StartInfoTooLarge { bytes: bytes.len() });
+    }
+    mem.write(aarch64_layout::START_INFO_GPA, &bytes)?;
+    Ok(BootedAarch64Guest {
+        entry_state: aarch64_entry_state(loaded.entry),
         image: loaded,
         start_info: info,
     })

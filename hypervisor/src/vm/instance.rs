@@ -7,14 +7,15 @@
 //! host's PCI configuration space ([`ConfigSpace`]), a [`VcpuBackend`] and
 //! the iommufd dispatcher; host tests supply models of each.
 //!
-//! Building a VM ([`build_x86`]):
+//! Building a VM ([`build_x86`], [`build_aarch64`]):
 //! 1. guest RAM from host frames, scrubbed, with the ECAM window as MMIO;
 //! 2. the emulated PCI bus over the assigned functions, their BARs placed
 //!    in the guest's BAR window;
 //! 3. the nested page table over RAM and BARs (ECAM, MSI window and holes
 //!    stay unmapped, so they fault to Sluice);
 //! 4. the guest image loaded and the start info, descriptor tables and
-//!    identity page tables written (the direct-boot protocol);
+//!    identity page tables written (the direct-boot protocol; aarch64
+//!    guests start with their MMU off and get only the start info);
 //! 5. the VM and its devices declared to the iommufd object model
 //!    ([`register_with_iommufd`]); every device stays blocked until the
 //!    guest binds and attaches it.
@@ -39,9 +40,9 @@ use crate::iommufd::ioas::Span;
 use crate::iommufd::{self, AssignedDevice, DeviceId, IommuBackend, Iommufd, VmId};
 use crate::passthrough::{EcamWindow, GuestPciBus, PassthroughError};
 use crate::vcpu::hypercall::HypercallDispatcher;
-use crate::vcpu::{EntryState, VcpuBackend, VcpuError, VcpuExit};
+use crate::vcpu::{Aarch64EntryState, EntryState, VcpuBackend, VcpuError, VcpuExit};
 
-use super::boot::{self, BootError};
+use super::boot::{self, BootError, Machine, aarch64_layout};
 use super::config::{AssignedPci, ValidVm, passthrough_functions};
 use super::exits::{Console, CpuidSource, ExitAction, ExitEnv, StopReason, handle_exit};
 use super::memory::{FrameSource, GuestRam, MemoryError, layout};
@@ -123,8 +124,15 @@ pub struct VmInstance<'m, S: FrameSource, C: ConfigSpace> {
     pub pci: GuestPciBus<C>,
     pub nested: Box<dyn NestedPageTable + 'm>,
     pub console: Console,
-    /// Where the first vCPU starts.
+    /// The guest's architecture.
+    pub machine: Machine,
+    /// Where the first vCPU of an x86 VM starts. An aarch64 VM's starts at
+    /// `aarch64_entry`; this then holds an inert x86 state (RIP 0) that no
+    /// aarch64 backend accepts. [`VmInstance::create_vcpu`] picks the right
+    /// one.
     pub entry: EntryState,
+    /// Where the first vCPU of an aarch64 VM starts.
+    pub aarch64_entry: Option<Aarch64EntryState>,
     pub devices: Vec<AssignedPci>,
     pub stats: ExitStats,
     /// Every console line the guest printed, in order.
@@ -132,6 +140,24 @@ pub struct VmInstance<'m, S: FrameSource, C: ConfigSpace> {
 }
 
 impl<S: FrameSource, C: ConfigSpace> VmInstance<'_, S, C> {
+    /// The VM's first vCPU on `backend`, from the entry state of its
+    /// architecture.
+    pub fn create_vcpu<B: VcpuBackend>(&self, backend: &mut B) -> Result<B::Vcpu, VcpuError> {
+        match (self.machine, &self.aarch64_entry) {
+            (Machine::Aarch64, Some(entry)) => backend.create_aarch64_vcpu(entry),
+            (Machine::Aarch64, None) => Err(VcpuError::InvalidGuestState(
+                "an aarch64 VM without an aarch64 entry state",
+            )),
+            (Machine::X86_64, _) => backend.create_vcpu(&self.entry),
+        }
+    }
+
+    /// The guest's trapped ECAM window.
+    pub fn ecam_window(&self) -> EcamWindow {
+        let ((base, _), _) = self.machine.pci_windows();
+        EcamWindow { base, buses: 1 }
+    }
+
     /// Tears the VM down: the nested table is freed, then the RAM is
     /// scrubbed and freed. Destroy the VM in the object model first
     /// ([`Iommufd::destroy_vm`]), so that no IOMMU domain maps the RAM.
@@ -159,29 +185,85 @@ pub struct BuildInputs<'a, C: ConfigSpace> {
 
 /// Builds an x86 VM (steps 1–4 of the module documentation). On error
 /// nothing stays allocated: the RAM is scrubbed and freed, the nested table
-/// dropped.
+/// released.
 pub fn build_x86<'m, S: FrameSource, C: ConfigSpace>(
+    inputs: BuildInputs<'_, C>,
+    frames: S,
+    nested: Box<dyn NestedPageTable + 'm>,
+) -> Result<VmInstance<'m, S, C>, BuildError> {
+    build(Machine::X86_64, inputs, frames, nested)
+}
+
+/// Builds an aarch64 VM: RAM from [`aarch64_layout::RAM_BASE`], the ECAM
+/// window and the console register trapped, BARs in the aarch64 BAR
+/// window, the stage-2 table (any [`NestedPageTable`], normally Arm stage
+/// 2) over RAM and BARs, and the aarch64 direct boot
+/// ([`boot::boot_aarch64`]); `one_gib_pages` is not used. On error nothing
+/// stays allocated.
+pub fn build_aarch64<'m, S: FrameSource, C: ConfigSpace>(
+    inputs: BuildInputs<'_, C>,
+    frames: S,
+    nested: Box<dyn NestedPageTable + 'm>,
+) -> Result<VmInstance<'m, S, C>, BuildError> {
+    build(Machine::Aarch64, inputs, frames, nested)
+}
+
+/// Where a built VM's first vCPU starts.
+enum Entry {
+    X86(EntryState),
+    Aarch64(Aarch64EntryState),
+}
+
+fn build<'m, S: FrameSource, C: ConfigSpace>(
+    machine: Machine,
     inputs: BuildInputs<'_, C>,
     frames: S,
     mut nested: Box<dyn NestedPageTable + 'm>,
 ) -> Result<VmInstance<'m, S, C>, BuildError> {
     let valid = inputs.vm;
     let inputs_id = inputs.id;
-    let regions = layout::x86_ram_regions(valid.config.memory);
-    let mut ram = GuestRam::new(frames, &regions).map_err(BuildError::Memory)?;
-    match assemble(inputs, &mut ram, nested.as_mut()) {
-        Ok((pci, entry)) => Ok(VmInstance {
-            id: inputs_id,
-            name: valid.config.name.clone(),
-            ram,
-            pci,
-            nested,
-            console: Console::new(),
-            entry,
-            devices: valid.devices.clone(),
-            stats: ExitStats::default(),
-            console_lines: Vec::new(),
-        }),
+    let memory = valid.config.memory;
+    let regions = match machine {
+        Machine::X86_64 => layout::x86_ram_regions(memory),
+        Machine::Aarch64 => {
+            let end = aarch64_layout::RAM_BASE.saturating_add(memory);
+            if end > aarch64_layout::GPA_LIMIT {
+                nested.release();
+                return Err(BuildError::Boot(BootError::RamBeyondAddressSpace { end }));
+            }
+            aarch64_layout::ram_regions(memory)
+        }
+    };
+    let mut ram = match GuestRam::new(frames, &regions) {
+        Ok(ram) => ram,
+        Err(e) => {
+            nested.release();
+            return Err(BuildError::Memory(e));
+        }
+    };
+    match assemble(machine, inputs, &mut ram, nested.as_mut()) {
+        Ok((pci, entry)) => {
+            let (entry, aarch64_entry) = match entry {
+                Entry::X86(state) => (state, None),
+                // No x86 state exists: an inert one (RIP 0) that aarch64
+                // backends refuse.
+                Entry::Aarch64(state) => (boot::x86_entry_state(0, 0), Some(state)),
+            };
+            Ok(VmInstance {
+                id: inputs_id,
+                name: valid.config.name.clone(),
+                ram,
+                pci,
+                nested,
+                console: Console::new(),
+                machine,
+                entry,
+                aarch64_entry,
+                devices: valid.devices.clone(),
+                stats: ExitStats::default(),
+                console_lines: Vec::new(),
+            })
+        }
         Err(e) => {
             // Nothing runs on the RAM yet and no IOMMU maps it: the table
             // and the frames can go back (scrubbed) at once.
@@ -192,46 +274,69 @@ pub fn build_x86<'m, S: FrameSource, C: ConfigSpace>(
     }
 }
 
-/// Steps 2–4 of [`build_x86`] on RAM that exists.
+/// Steps 2–4 on RAM that exists: the trapped windows declared in RAM's
+/// map, the passthrough bus, the nested table, the direct boot.
 fn assemble<S: FrameSource, C: ConfigSpace>(
+    machine: Machine,
     inputs: BuildInputs<'_, C>,
     ram: &mut GuestRam<S>,
     nested: &mut dyn NestedPageTable,
-) -> Result<(GuestPciBus<C>, EntryState), BuildError> {
-    let valid = inputs.vm;
-    ram.add_mmio(layout::ECAM_BASE, layout::ECAM_SIZE)
+) -> Result<(GuestPciBus<C>, Entry), BuildError> {
+    let BuildInputs {
+        vm: valid,
+        image,
+        host_config,
+        topologies,
+        one_gib_pages,
+        ..
+    } = inputs;
+    let ((ecam_base, ecam_size), (bar_base, bar_size)) = machine.pci_windows();
+    ram.add_mmio(ecam_base, ecam_size)
         .map_err(BuildError::Memory)?;
-    let functions = passthrough_functions(&valid.devices, inputs.topologies);
-    let pci = GuestPciBus::new(
-        inputs.host_config,
-        &functions,
-        layout::BAR_WINDOW_BASE,
-        layout::BAR_WINDOW_SIZE,
-    )
-    .map_err(BuildError::Passthrough)?;
+    if machine == Machine::Aarch64 {
+        ram.add_mmio(aarch64_layout::CONSOLE_GPA, sluice_hal::PAGE_SIZE)
+            .map_err(BuildError::Memory)?;
+    }
+    let functions = passthrough_functions(&valid.devices, topologies);
+    let pci = GuestPciBus::new(host_config, &functions, bar_base, bar_size)
+        .map_err(BuildError::Passthrough)?;
     map_vm(nested, ram, &pci.bar_mappings()).map_err(BuildError::Nested)?;
-    let devices = boot::start_info_devices(&valid.devices, inputs.topologies);
+    let devices = boot::start_info_devices(&valid.devices, topologies);
     let regions: Vec<(u64, u64)> = ram.regions().to_vec();
-    let booted = boot::boot_x86(
-        &*ram,
-        &regions,
-        inputs.image,
-        &devices,
-        &valid.config.args,
-        inputs.one_gib_pages,
-    )
-    .map_err(BuildError::Boot)?;
+    let args = &valid.config.args;
+    let (entry, image_range, pc) = match machine {
+        Machine::X86_64 => {
+            let booted = boot::boot_x86(&*ram, &regions, image, &devices, args, one_gib_pages)
+                .map_err(BuildError::Boot)?;
+            let pc = booted.entry_state.registers.rip;
+            (
+                Entry::X86(booted.entry_state),
+                (booted.image.start, booted.image.end),
+                pc,
+            )
+        }
+        Machine::Aarch64 => {
+            let booted = boot::boot_aarch64(&*ram, &regions, image, &devices, args)
+                .map_err(BuildError::Boot)?;
+            let pc = booted.entry_state.registers.pc;
+            (
+                Entry::Aarch64(booted.entry_state),
+                (booted.image.start, booted.image.end),
+                pc,
+            )
+        }
+    };
     log::info!(
         "VM {}: {} MiB RAM, image {:#x}-{:#x} entry {:#x}, {} device(s), nested root {:#x}",
         valid.config.name,
         valid.config.memory >> 20,
-        booted.image.start,
-        booted.image.end,
-        booted.entry_state.registers.rip,
+        image_range.0,
+        image_range.1,
+        pc,
         valid.devices.len(),
         nested.root_address().as_u64(),
     );
-    Ok((pci, booted.entry_state))
+    Ok((pci, entry))
 }
 
 /// The platform's device ID for a host PCI function, as the IOMMU backend
@@ -353,10 +458,7 @@ where
     S: FrameSource,
     C: ConfigSpace,
 {
-    let ecam = EcamWindow {
-        base: layout::ECAM_BASE,
-        buses: 1,
-    };
+    let ecam = vm.ecam_window();
     let mut taken = 0u64;
     loop {
         if taken >= max_exits {
