@@ -1,6 +1,9 @@
-//! EL2 exception vectors. Every exception taken at EL2 is fatal for now: the
-//! handler decodes ESR_EL2 by name, prints FAR/ELR/SPSR and the registers,
-//! and stops Sluice.
+//! EL2 exception vectors. Every exception Sluice itself takes at EL2 is
+//! fatal for now: the handler decodes ESR_EL2 by name, prints FAR/ELR/SPSR
+//! and the registers, and stops Sluice. Exceptions from a lower EL are a
+//! guest leaving: those vectors go to the world switch
+//! ([`super::guest`]), which checks that a guest is running on this CPU
+//! and otherwise hands the exception to the same fatal handler.
 
 use core::arch::{asm, global_asm};
 use core::mem::size_of;
@@ -9,7 +12,9 @@ use core::mem::size_of;
 // current EL with SP_ELx, lower EL AArch64, lower EL AArch32) of four
 // entries (synchronous, IRQ, FIQ, SError), 0x80 bytes each, 2 KiB aligned.
 // Each entry saves x0/x1, puts its index in x0 and joins the common path,
-// which saves the rest of the frame and calls the Rust handler.
+// which saves the rest of the frame and calls the Rust handler; the
+// lower-EL entries join the world switch's check instead, with the same
+// frame.
 global_asm!(
     r#"
 .macro SLUICE_VECTOR kind
@@ -18,6 +23,13 @@ global_asm!(
     stp x0, x1, [sp, #0]
     mov x0, #\kind
     b sluice_el2_exception_common
+.endm
+.macro SLUICE_LOWER_EL_VECTOR kind
+.balign 0x80
+    sub sp, sp, #272
+    stp x0, x1, [sp, #0]
+    mov x0, #\kind
+    b sluice_lower_el_exception
 .endm
 .balign 0x800
 .global sluice_el2_vectors
@@ -30,14 +42,15 @@ SLUICE_VECTOR 4
 SLUICE_VECTOR 5
 SLUICE_VECTOR 6
 SLUICE_VECTOR 7
-SLUICE_VECTOR 8
-SLUICE_VECTOR 9
-SLUICE_VECTOR 10
-SLUICE_VECTOR 11
-SLUICE_VECTOR 12
-SLUICE_VECTOR 13
-SLUICE_VECTOR 14
-SLUICE_VECTOR 15
+SLUICE_LOWER_EL_VECTOR 8
+SLUICE_LOWER_EL_VECTOR 9
+SLUICE_LOWER_EL_VECTOR 10
+SLUICE_LOWER_EL_VECTOR 11
+SLUICE_LOWER_EL_VECTOR 12
+SLUICE_LOWER_EL_VECTOR 13
+SLUICE_LOWER_EL_VECTOR 14
+SLUICE_LOWER_EL_VECTOR 15
+    .global sluice_el2_exception_common
 sluice_el2_exception_common:
     stp x2, x3, [sp, #16]
     stp x4, x5, [sp, #32]
@@ -83,6 +96,9 @@ sluice_el2_exception_common:
 "#
 );
 
+/// Bytes each vector pushes ([`ExceptionFrame`]).
+pub const FRAME_SIZE: usize = 272;
+
 /// The stack as `sluice_el2_exception_common` leaves it.
 #[repr(C)]
 pub struct ExceptionFrame {
@@ -91,7 +107,7 @@ pub struct ExceptionFrame {
     pub spsr: u64,
     pub padding: u64,
 }
-const _: () = assert!(size_of::<ExceptionFrame>() == 272);
+const _: () = assert!(size_of::<ExceptionFrame>() == FRAME_SIZE);
 
 unsafe extern "C" {
     static sluice_el2_vectors: u8;

@@ -1,7 +1,9 @@
 //! aarch64 support at EL2: exception vectors, the EL2 stage-1 identity map,
-//! the generic timer and QEMU exit through semihosting.
+//! the world switch into guests at EL1, the generic timer and QEMU exit
+//! through semihosting.
 
 pub mod exceptions;
+pub mod guest;
 pub mod paging;
 pub mod smp;
 
