@@ -26,6 +26,8 @@ mod svm_smoke;
 mod uefi_entry;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
 mod vmm;
+#[cfg(all(target_os = "uefi", target_arch = "aarch64"))]
+mod vmm_arm;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
 mod vtd_dma;
 

@@ -78,6 +78,12 @@ const SCENARIOS: &[Scenario] = &[
     },
     #[cfg(target_arch = "aarch64")]
     Scenario {
+        name: "guests",
+        what: "the vm= guests run at EL1 under Sluice's EL2 with stage-2 translation and drive the iommufd hypercalls over the owned SMMUs; every step they report and the host-side isolation checks must pass",
+        run: crate::vmm_arm::scenario::run,
+    },
+    #[cfg(target_arch = "aarch64")]
+    Scenario {
         name: "smmu-dma",
         what: "edu DMA through the SMMUv3: blocked by default, translated when attached, faults when read-only, unmapped, unmapped-after-use or detached",
         run: crate::smmu_dma::run,

@@ -3,8 +3,8 @@
 //! `docs/boot-protocol.md`).
 //!
 //! The test guest (`qemu-tests/guests/test-guest`) is a bare-metal crate in
-//! its own workspace, built for `x86_64-unknown-none` into
-//! `<target>/guests`. Its address layout is shared here, so that host code
+//! its own workspace, built for `x86_64-unknown-none` or
+//! `aarch64-unknown-none` into `<target>/guests`. Its address layout is shared here, so that host code
 //! (scenarios, checks) names the same victim buffer as the guest.
 
 use std::ffi::OsString;
@@ -47,12 +47,12 @@ pub fn guests_target_dir(target_dir: &Path) -> PathBuf {
     target_dir.join("guests")
 }
 
-/// The rustc target the test guest is built for on `arch`; `None` while
-/// Sluice has no direct-boot protocol for that architecture.
+/// The rustc target the test guest is built for on `arch`; `None` for an
+/// architecture without a direct-boot protocol.
 pub const fn test_guest_target(arch: Arch) -> Option<&'static str> {
     match arch {
         Arch::X86_64 => Some("x86_64-unknown-none"),
-        Arch::Aarch64 => None,
+        Arch::Aarch64 => Some("aarch64-unknown-none"),
     }
 }
 
@@ -144,6 +144,10 @@ mod tests {
             ]
         );
         assert!(test_guest_manifest().is_file());
-        assert!(test_guest_build(Arch::Aarch64, Path::new("/t")).is_none());
+        let arm = test_guest_build(Arch::Aarch64, Path::new("/t")).unwrap();
+        assert_eq!(
+            arm.image.path,
+            PathBuf::from("/t/guests/aarch64-unknown-none/release/test-guest")
+        );
     }
 }

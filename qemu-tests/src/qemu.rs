@@ -412,7 +412,8 @@ pub struct BootRequest {
     pub intel_iommu: String,
     pub devices: Vec<String>,
     pub extra: Vec<String>,
-    /// Guest images for `EFI/sluice/` (the built test guest on x86_64).
+    /// Guest images for `EFI/sluice/` (the test guest built for the boot's
+    /// architecture).
     pub guest_images: Vec<GuestImageFile>,
 }
 

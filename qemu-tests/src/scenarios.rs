@@ -272,6 +272,17 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: &["-device", "edu"],
         ..Scenario::DEFAULT
     },
+    // aarch64: the test guest at EL1 under Sluice's EL2 (stage-2
+    // translation, the world switch, exits decoded from ESR_EL2), making
+    // hostile hypercalls through HVC: every one fails with its errno and
+    // the guest (and Sluice) keep running. No device: the SMMU side is the
+    // dma scenario's.
+    Scenario {
+        name: "el2-guests-hostile",
+        arches: &[Arch::Aarch64],
+        cmdline: "test=guests vm=hostile:mem=16M:image=test-guest:args=hostile",
+        ..Scenario::DEFAULT
+    },
 ];
 
 /// The two-VM command line of the guest scenarios.

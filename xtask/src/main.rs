@@ -347,7 +347,7 @@ fn test(
 }
 
 /// Builds the guest images `arch`'s boots carry on their ESP: the test
-/// guest, where it runs (x86_64).
+/// guest, built for `arch`.
 fn build_guests(arch: Arch, target_dir: &Path) -> Result<Vec<GuestImageFile>, XtaskError> {
     let Some(build) = guests::test_guest_build(arch, target_dir) else {
         return Ok(Vec::new());

@@ -9,21 +9,29 @@
 pub const MIN_RAM: u64 = 8 << 20;
 pub const PAGE: u64 = 0x1000;
 
+/// Where guest RAM starts: 0 on x86_64, 1 GiB for the aarch64 guest
+/// (`docs/boot-protocol.md`, "aarch64"). Host builds (the harness, Sluice)
+/// see the x86_64 layout.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub const RAM_BASE: u64 = 0x4000_0000;
+#[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+pub const RAM_BASE: u64 = 0;
+
 /// Two pages: the DMA source (`+0`) and target (`+PAGE`) buffers.
-pub const BUFFER_GPA: u64 = 0x0040_0000;
+pub const BUFFER_GPA: u64 = RAM_BASE + 0x0040_0000;
 pub const BUFFER_PAGES: u64 = 2;
-/// A page of guest RAM whose GPA equals [`UNMAPPED_IOVA`]: DMA to that IOVA
-/// must not land here (or anywhere).
-pub const CANARY_GPA: u64 = 0x0050_0000;
+/// A page of guest RAM at 5 MiB into RAM; on x86_64 its GPA equals
+/// [`UNMAPPED_IOVA`]: DMA to that IOVA must not land here (or anywhere).
+pub const CANARY_GPA: u64 = RAM_BASE + 0x0050_0000;
 /// The victim buffer `dma` leaves mapped at [`VICTIM_IOVA`].
-pub const VICTIM_GPA: u64 = 0x0060_0000;
+pub const VICTIM_GPA: u64 = RAM_BASE + 0x0060_0000;
 
 /// Where `dma` maps the buffer in its first IOAS.
 pub const IOVA_A: u64 = 0x0100_0000;
 /// Where `dma` maps the buffer in its second IOAS (after `DEVICE_REPLACE`).
 pub const IOVA_B: u64 = 0x0200_0000;
 /// Never mapped by anyone.
-pub const UNMAPPED_IOVA: u64 = CANARY_GPA;
+pub const UNMAPPED_IOVA: u64 = 0x0050_0000;
 /// Where `dma` leaves [`VICTIM_GPA`] mapped.
 pub const VICTIM_IOVA: u64 = 0x0700_0000;
 /// Where `attacker` maps its own buffer.
@@ -44,6 +52,6 @@ pub const fn victim_byte(i: usize) -> u8 {
 const _: () = {
     assert!(VICTIM_IOVA < EDU_DMA_LIMIT && ATTACKER_IOVA < EDU_DMA_LIMIT);
     assert!(IOVA_A < EDU_DMA_LIMIT && IOVA_B + BUFFER_PAGES * PAGE <= EDU_DMA_LIMIT);
-    assert!(VICTIM_GPA + PAGE <= MIN_RAM);
+    assert!(VICTIM_GPA + PAGE <= RAM_BASE + MIN_RAM);
     assert!(TRANSFER as u64 <= PAGE);
 };

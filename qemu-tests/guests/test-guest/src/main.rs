@@ -71,8 +71,8 @@ pub extern "sysv64" fn _start(start_info: u64) -> ! {
     run(start_info)
 }
 
-/// aarch64 entry (its direct-boot protocol is not written yet): X0 = start
-/// info, a usable stack.
+/// aarch64 entry: EL1 with the MMU off, X0 = start info, SP_EL1 a usable
+/// stack (`docs/boot-protocol.md`, "aarch64").
 #[cfg(all(not(test), target_arch = "aarch64"))]
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".text._start")]

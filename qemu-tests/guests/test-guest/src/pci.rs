@@ -17,8 +17,11 @@ pub const COMMAND_MEMORY: u16 = 1 << 1;
 pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 
 /// The guest's PCI BAR window (`docs/boot-protocol.md`, "Guest-physical
-/// memory").
+/// memory", and its aarch64 section).
+#[cfg(not(target_arch = "aarch64"))]
 pub const BAR_WINDOW: (u64, u64) = (0xc000_0000, 0xe000_0000);
+#[cfg(target_arch = "aarch64")]
+pub const BAR_WINDOW: (u64, u64) = (0x1000_0000, 0x3000_0000);
 
 /// One function's configuration space in the ECAM window.
 #[derive(Debug, Clone, Copy)]
