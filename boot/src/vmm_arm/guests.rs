@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use log::{info, warn};
 use sluice_hypervisor::iommufd::smmu_backend::{SmmuBackend, SmmuDevice};
 use sluice_hypervisor::iommufd::vtd_backend::{FunctionReset, ResetError};
-use sluice_hypervisor::iommufd::{Iommufd, VmId};
+use sluice_hypervisor::iommufd::{Iommufd, VmConfig, VmId};
 use sluice_hypervisor::vm::config::ValidVm;
 use sluice_hypervisor::vm::instance::{DeviceFacts, device_id, register_with_iommufd};
 use sluice_kernel::boot_info::find_guest_image;
@@ -170,13 +170,15 @@ pub struct Machine {
     pub pci: &'static Pci,
     pub iommufd: &'static Mutex<MachineIommufd>,
     pub vms: Vec<ValidVm>,
+    /// What every VM is declared to the object model with.
+    pub vm_config: VmConfig,
 }
 
 /// Brings PCI and every SMMU under Sluice's control and validates the
 /// `vm=` words against what was found. Devices not assigned to a VM stay
 /// blocked, declared as the host's so no VM can bind a device of their
-/// group.
-pub fn prepare(platform: &'static Platform) -> Result<Machine, String> {
+/// group. Every VM gets `vm_config` in the object model.
+pub fn prepare(platform: &'static Platform, vm_config: VmConfig) -> Result<Machine, String> {
     let acpi = platform
         .acpi
         .as_ref()
@@ -211,6 +213,7 @@ pub fn prepare(platform: &'static Platform) -> Result<Machine, String> {
         pci,
         iommufd: Box::leak(Box::new(Mutex::new(iommufd))),
         vms,
+        vm_config,
     })
 }
 
@@ -236,7 +239,7 @@ fn build_and_register(machine: &Machine, index: usize) -> Result<BareMetalVm, St
     let registered = register_with_iommufd(
         &mut machine.iommufd.lock(),
         &vm,
-        sluice_hypervisor::iommufd::VmConfig::default(),
+        machine.vm_config,
         &machine.pci.segments,
         &|_| DeviceFacts::default(),
     );

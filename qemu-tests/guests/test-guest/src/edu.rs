@@ -116,7 +116,10 @@ impl Edu {
     /// (which it does whether or not the IOMMU let the access through).
     pub fn dma(&self, direction: Direction, address: u64) -> Result<(), Reason> {
         if address >= EDU_DMA_LIMIT {
-            return fail!("DMA address {address:#x} is beyond edu's 28-bit mask");
+            return fail!(
+                "DMA address {address:#x} is beyond edu's {}-bit mask",
+                EDU_DMA_LIMIT.trailing_zeros()
+            );
         }
         let (source, destination, command) = match direction {
             Direction::ToDevice => (address, DEVICE_BUFFER, COMMAND_START),

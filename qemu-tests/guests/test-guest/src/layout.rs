@@ -3,7 +3,7 @@
 //!
 //! Every GPA must be free RAM in the start-info memory map (the scenarios
 //! check), so VMs need at least [`MIN_RAM`]. Every IOVA is below 256 MiB:
-//! edu masks its DMA addresses to 28 bits.
+//! edu masks its DMA addresses to 28 bits by default.
 
 /// Bytes of RAM a VM needs for these addresses.
 pub const MIN_RAM: u64 = 8 << 20;
@@ -37,8 +37,14 @@ pub const VICTIM_IOVA: u64 = 0x0700_0000;
 /// Where `attacker` maps its own buffer.
 pub const ATTACKER_IOVA: u64 = 0x0900_0000;
 
-/// The largest IOVA edu can reach (28-bit DMA mask).
+/// The largest IOVA edu can reach: its default 28-bit DMA mask on x86_64.
+/// aarch64 scenarios raise the mask (`edu,dma_mask=...`: virt's RAM, so
+/// the GPAs an attacker aims at, start at 1 GiB), and the guest allows
+/// 40-bit addresses there.
+#[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
 pub const EDU_DMA_LIMIT: u64 = 1 << 28;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub const EDU_DMA_LIMIT: u64 = 1 << 40;
 
 /// Bytes per edu transfer (QEMU 7.2's edu aborts on transfers that reach
 /// the last byte of its 4 KiB buffer).
