@@ -9,6 +9,12 @@
 //! back at EL2, save the context) is the [`El2Hardware`] trait: the
 //! bare-metal kernel implements it, host tests script it, as with SVM.
 //!
+//! VMIDs belong to one backend (one per physical CPU on bare metal), like
+//! SVM ASIDs: two CPUs may give the same VMID to different VMs. That is
+//! safe because the world switch never sets `VTTBR_EL2.CnP`, so TLB
+//! entries stay private to the CPU that made them, and a VMID's first
+//! entry on a CPU flushes whatever a previous owner left there.
+//!
 //! Program-counter convention: after [`El2Backend::run`] the PC is always
 //! the address of the exiting instruction (for `HVC`, whose `ELR_EL2` is
 //! the next instruction, the backend steps it back), so that
