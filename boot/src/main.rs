@@ -8,6 +8,8 @@
 
 #[cfg(target_os = "uefi")]
 mod edu;
+#[cfg(target_os = "uefi")]
+mod guest_runtime;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
 mod iommu_owner;
 #[cfg(target_os = "uefi")]

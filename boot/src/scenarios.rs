@@ -426,12 +426,14 @@ fn fault(_platform: &Platform) -> Outcome {
     sluice_kernel::arch::trigger_fault()
 }
 
-/// The default boot: the VMs of the command line (x86_64), else the
+/// The default boot: the VMs of the command line, else the
 /// platform bring-up summary. Returns whether everything worked.
 fn demo(platform: &'static Platform) -> bool {
-    #[cfg(target_arch = "x86_64")]
     if !platform.command_line.vms.is_empty() {
+        #[cfg(target_arch = "x86_64")]
         return crate::vmm::scenario::demo(platform);
+        #[cfg(target_arch = "aarch64")]
+        return crate::vmm_arm::scenario::demo(platform);
     }
     println!("Sluice demo: platform bring-up");
     let tables = list_acpi_tables(platform);

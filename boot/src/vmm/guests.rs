@@ -1,102 +1,26 @@
-//! Starting the VMs of the command line on bare metal: PCI and IOMMU
-//! ownership, the VT-d backend under the iommufd object model, every VM
-//! built and declared, the first VM run on the boot CPU and each further
-//! VM on an application processor of its own.
+//! The VT-d side of an x86 machine running guests: PCI and every VT-d unit
+//! under Sluice's control, and the VT-d backend under the iommufd object
+//! model with every assignable function registered.
 
 extern crate alloc;
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
 
-use log::{info, warn};
-use sluice_hypervisor::iommufd::vtd_backend::{FunctionReset, ResetError, VtdBackend, VtdDevice};
-use sluice_hypervisor::iommufd::{Iommufd, VmId, X86_MSI_WINDOW};
-use sluice_hypervisor::vm::config::ValidVm;
-use sluice_hypervisor::vm::instance::{DeviceFacts, device_id, register_with_iommufd};
-use sluice_kernel::boot_info::find_guest_image;
-use sluice_kernel::hw::PhysMmio;
+use log::warn;
+use sluice_hypervisor::iommufd::{VmConfig, VtdBackend, VtdDevice, X86_MSI_WINDOW};
+use sluice_hypervisor::vm::instance::device_id;
 use sluice_kernel::platform::Platform;
-use sluice_pci::config::ConfigSpace;
-use sluice_pci::{Bdf, Ecam, PciAddress, Topology};
-use spin::Mutex;
+use sluice_pci::PciAddress;
 
-use super::hw::HostCpu;
-use super::{BareMetalVm, VmReport, build_vm, run_vm, svm_for_this_cpu};
+use crate::guest_runtime::{EcamReset, Machine};
 use crate::iommu_owner::OwnedIommus;
 use crate::pci::{IommuMap, Pci};
 
-/// The iommufd object model of this machine, over its VT-d units.
-pub type MachineIommufd = Iommufd<VtdBackend<'static>>;
-
-/// Time the boot CPU waits for a VM on another CPU to finish.
-const OTHER_CPU_TIMEOUT_NS: u64 = 600_000_000_000;
-
-/// Hands a value to another CPU.
-///
-/// The iommufd object model and a VM's host state hold driver objects that
-/// reach hardware through plain physical addresses (`PhysMmio`, frame
-/// memory, the ECAM window); they are not marked `Send` only because they
-/// are trait objects. Sluice's CPUs share one address space (the identity
-/// map), so those addresses mean the same on every CPU.
-struct AnyCpu<T>(T);
-
-// SAFETY: see the type's documentation: the wrapped values only carry
-// physical addresses valid on every CPU, and whatever is shared between
-// CPUs is behind a spin lock (the object model) or owned by one CPU at a
-// time (a VM's host state moves to the CPU that runs it and back).
-unsafe impl<T> Send for AnyCpu<T> {}
-
-/// PCI function-level reset through configuration space (PCIe base spec
-/// 6.6.2 and 7.5.3.4: Device Control bit 15 "Initiate Function Level
-/// Reset"; the function must be ready again 100 ms later).
-struct EcamReset {
-    ecam: &'static Ecam<PhysMmio>,
-    topologies: &'static [Topology],
-}
-
-impl FunctionReset for EcamReset {
-    fn function_level_reset(&mut self, rid: Bdf) -> Result<(), ResetError> {
-        // VT-d units belong to one segment each; the requester ID names the
-        // function on it. A BDF present on several segments is ambiguous.
-        let mut matches = self
-            .topologies
-            .iter()
-            .flat_map(|t| t.functions.iter())
-            .filter(|f| f.addr.bdf == rid);
-        let (Some(function), None) = (matches.next(), matches.next()) else {
-            return Err(ResetError::Failed(
-                "no single function with this requester ID",
-            ));
-        };
-        let pcie = function
-            .caps
-            .pcie
-            .filter(|p| p.flr)
-            .ok_or(ResetError::NotCapable)?;
-        let control = pcie.offset + 0x08;
-        let value = self
-            .ecam
-            .read16(function.addr, control)
-            .map_err(|_| ResetError::Failed("device control unreadable"))?;
-        self.ecam
-            .write16(function.addr, control, value | (1 << 15))
-            .map_err(|_| ResetError::Failed("device control unwritable"))?;
-        sluice_kernel::clock::delay_ns(100_000_000);
-        let vendor = self
-            .ecam
-            .read16(function.addr, 0)
-            .map_err(|_| ResetError::Timeout)?;
-        if vendor == 0xffff {
-            return Err(ResetError::Timeout);
-        }
-        info!("pci {}: function-level reset done", function.addr);
-        Ok(())
-    }
-}
+/// The machine, over its VT-d units.
+pub type VtdMachine = Machine<VtdBackend<'static>>;
 
 /// The VT-d backend over every owned unit, with every covered function
 /// registered (its requester ID and DMA alias). Functions an RMRR names stay
@@ -111,20 +35,22 @@ fn vtd_backend(
         ecam: &pci.ecam,
         topologies: &pci.segments,
     }));
-    let mut unit_index = Vec::new();
-    for unit in owned.units {
-        unit_index.push(backend.add_unit(unit.unit));
-    }
+    let unit_index: Vec<u32> = owned
+        .units
+        .into_iter()
+        .map(|unit| backend.add_unit(unit.unit))
+        .collect();
     let mut registered = BTreeSet::new();
     for (&addr, &unit) in &owned.device_unit {
         if owned.rmrr_devices.contains_key(&addr) {
             warn!("pci {addr}: named by an RMRR; it stays with the host and cannot be assigned");
             continue;
         }
-        let Some(assoc) = map.device(addr) else {
-            continue;
-        };
-        let Some(function) = pci.functions().find(|f| f.addr == addr) else {
+        let (Some(assoc), Some(function), Some(&unit)) = (
+            map.device(addr),
+            pci.functions().find(|f| f.addr == addr),
+            unit_index.get(unit),
+        ) else {
             continue;
         };
         if function.is_bridge() {
@@ -136,7 +62,7 @@ fn vtd_backend(
             Vec::new()
         };
         let desc = VtdDevice {
-            unit: unit_index[unit],
+            unit,
             rid: addr.bdf,
             aliases,
             flr: function.caps.flr(),
@@ -151,19 +77,9 @@ fn vtd_backend(
     (backend, registered)
 }
 
-/// Everything needed to run the configured VMs.
-pub struct Machine {
-    pub platform: &'static Platform,
-    pub pci: &'static Pci,
-    pub iommufd: &'static Mutex<MachineIommufd>,
-    pub vms: Vec<ValidVm>,
-}
-
 /// Brings PCI and every VT-d unit under Sluice's control and validates the
-/// `vm=` words against what was found. Devices not assigned to a VM stay
-/// blocked, declared as the host's so no VM can bind a device of their
-/// group.
-pub fn prepare(platform: &'static Platform) -> Result<Machine, String> {
+/// `vm=` words against what was found (see [`Machine::new`]).
+pub fn prepare(platform: &'static Platform) -> Result<VtdMachine, String> {
     let acpi = platform
         .acpi
         .as_ref()
@@ -172,233 +88,13 @@ pub fn prepare(platform: &'static Platform) -> Result<Machine, String> {
     let map = crate::pci::associate(acpi, pci)?;
     let owned = crate::iommu_owner::take_ownership(platform, &map)?;
     let (backend, registered) = vtd_backend(owned, &map, pci);
-    // Only registered functions are assignable: covered by an owned unit,
-    // not named by an RMRR.
-    let mut associations = map.per_segment.clone();
-    for a in &mut associations {
-        for d in &mut a.devices {
-            d.assignable &= registered.contains(&d.addr);
-        }
-    }
-    let vms = super::configured_vms(platform, &pci.segments, &associations)?;
-    let mut iommufd = Iommufd::new(backend, Some(X86_MSI_WINDOW));
-    let assigned: BTreeSet<PciAddress> = vms
-        .iter()
-        .flat_map(|vm| vm.devices.iter().map(|d| d.host))
-        .collect();
-    for a in &associations {
-        for d in &a.devices {
-            if !assigned.contains(&d.addr) {
-                iommufd.declare_host_device(device_id(d.addr), d.group);
-            }
-        }
-    }
-    Ok(Machine {
+    Machine::new(
         platform,
         pci,
-        iommufd: Box::leak(Box::new(Mutex::new(iommufd))),
-        vms,
-    })
-}
-
-/// Builds VM `index` of `machine` and declares it to the object model.
-fn build_and_register(machine: &Machine, index: usize) -> Result<BareMetalVm, String> {
-    let valid = &machine.vms[index];
-    let image =
-        find_guest_image(&machine.platform.guest_images, &valid.config.image).ok_or_else(|| {
-            format!(
-                "VM {}: image `{}` was not loaded from the ESP",
-                valid.config.name, valid.config.image
-            )
-        })?;
-    let id = VmId(index as u32 + 1);
-    let vm = build_vm(
-        machine.platform,
-        &machine.pci.ecam,
-        &machine.pci.segments,
-        valid,
-        id,
-        image.bytes,
-    )?;
-    let registered = register_with_iommufd(
-        &mut machine.iommufd.lock(),
-        &vm,
-        sluice_hypervisor::iommufd::VmConfig::default(),
-        &machine.pci.segments,
-        &|_| DeviceFacts::default(),
-    );
-    if let Err(e) = registered {
-        vm.destroy();
-        return Err(format!("VM {}: {e}", valid.config.name));
-    }
-    Ok(vm)
-}
-
-/// A VM that ran, with its host state still alive (its RAM can be
-/// inspected) until [`finish`].
-pub struct RanVm {
-    pub report: VmReport,
-    pub vm: BareMetalVm,
-}
-
-/// Runs every configured VM at once: VM 0 on this (the boot) CPU, VM n on
-/// CPU n. VMs after the first enter their guest once the first VM is ready
-/// (its guest printed `GUEST-READY`, e.g. once a buffer other VMs aim at is
-/// in place) or has ended, so cross-VM checks never race its setup.
-/// Returns when all have finished or stopped. A VM that could not
-/// be built or started is an error naming it; VMs already running are
-/// still waited for.
-pub fn run_all(machine: &Machine, narrate: bool) -> Result<Vec<RanVm>, String> {
-    if machine.vms.is_empty() {
-        return Err(String::from(
-            "no vm= words on the command line: no VM to run",
-        ));
-    }
-    let cpus = if machine.vms.len() > 1 {
-        sluice_kernel::smp::init(machine.platform).map_err(|e| format!("smp: {e}"))?
-    } else {
-        Vec::new()
-    };
-    if machine.vms.len() > 1 && cpus.len() < machine.vms.len() {
-        return Err(format!(
-            "{} VMs need {} CPUs (one each); the MADT lists {}",
-            machine.vms.len(),
-            machine.vms.len(),
-            cpus.len()
-        ));
-    }
-    let iommufd = machine.iommufd;
-    let ready: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-    let mut others = Vec::new();
-    let mut errors = Vec::new();
-    for index in 1..machine.vms.len() {
-        let vm = match build_and_register(machine, index) {
-            Ok(vm) => vm,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        let slot: &'static Mutex<Option<Result<RanVm, String>>> =
-            Box::leak(Box::new(Mutex::new(None)));
-        let platform = machine.platform;
-        let mut vm = vm;
-        let job = move |_cpu| {
-            let result = svm_for_this_cpu(platform)
-                .and_then(|mut backend| {
-                    wait_until_ready(ready)?;
-                    run_vm(
-                        &mut vm,
-                        &mut backend,
-                        iommufd,
-                        &mut HostCpu {
-                            ready: None,
-                            narrate,
-                        },
-                    )
-                })
-                .map(|report| RanVm { report, vm });
-            *slot.lock() = Some(result);
-        };
-        match sluice_kernel::smp::run_on(index, AnyCpu(job).into_job()) {
-            Ok(done) => others.push((index, done, slot)),
-            Err(e) => errors.push(format!(
-                "VM {}: CPU {index}: {e}",
-                machine.vms[index].config.name
-            )),
-        }
-    }
-    let mut ran = Vec::new();
-    let first = build_and_register(machine, 0).and_then(|mut vm| {
-        let mut backend = svm_for_this_cpu(machine.platform)?;
-        let report = run_vm(
-            &mut vm,
-            &mut backend,
-            iommufd,
-            &mut HostCpu {
-                ready: Some(ready),
-                narrate,
-            },
-        );
-        // Ended without saying it was ready: the others go anyway.
-        ready.store(true, Ordering::Release);
-        Ok(RanVm {
-            report: report?,
-            vm,
-        })
-    });
-    ready.store(true, Ordering::Release);
-    match first {
-        Ok(r) => ran.push(r),
-        Err(e) => errors.push(e),
-    }
-    for (index, done, slot) in others {
-        if let Err(e) = done.wait(OTHER_CPU_TIMEOUT_NS) {
-            errors.push(format!(
-                "VM {}: CPU {index} did not finish: {e}",
-                machine.vms[index].config.name
-            ));
-            continue;
-        }
-        match slot.lock().take() {
-            Some(Ok(r)) => ran.push(r),
-            Some(Err(e)) => errors.push(e),
-            None => errors.push(format!(
-                "VM {}: CPU {index} reported nothing",
-                machine.vms[index].config.name
-            )),
-        }
-    }
-    if errors.is_empty() {
-        Ok(ran)
-    } else {
-        for r in ran {
-            finish(machine, r);
-        }
-        Err(errors.join("; "))
-    }
-}
-
-impl<F: FnOnce(sluice_kernel::smp::CpuInfo)> AnyCpu<F> {
-    /// The job as the CPU mailbox takes it.
-    fn into_job(self) -> impl FnOnce(sluice_kernel::smp::CpuInfo) + Send + 'static
-    where
-        F: 'static,
-    {
-        // A method call moves `self` whole into the closure (destructuring
-        // it there would capture the non-`Send` field alone).
-        move |cpu| self.call(cpu)
-    }
-
-    fn call(self, cpu: sluice_kernel::smp::CpuInfo) {
-        (self.0)(cpu)
-    }
-}
-
-/// Waits for the first VM to be ready (see [`run_all`]).
-fn wait_until_ready(ready: &AtomicBool) -> Result<(), String> {
-    let start = sluice_kernel::clock::now_ns().unwrap_or(0);
-    while !ready.load(Ordering::Acquire) {
-        let now = sluice_kernel::clock::now_ns().unwrap_or(u64::MAX);
-        if now.saturating_sub(start) > OTHER_CPU_TIMEOUT_NS {
-            return Err(String::from("the first VM never became ready"));
-        }
-        core::hint::spin_loop();
-    }
-    Ok(())
-}
-
-/// Tears a VM down: out of the object model (its domains and mappings
-/// go), then its nested table and RAM.
-pub fn finish(machine: &Machine, ran: RanVm) {
-    if let Err(e) = machine.iommufd.lock().destroy_vm(ran.vm.id) {
-        // Its RAM may still be mapped for DMA: leak it rather than reuse.
-        warn!(
-            "VM {}: cannot be removed from iommufd ({e:?}); its memory is kept",
-            ran.report.name
-        );
-        core::mem::forget(ran.vm);
-        return;
-    }
-    ran.vm.destroy();
+        &map,
+        backend,
+        &registered,
+        Some(X86_MSI_WINDOW),
+        VmConfig::default(),
+    )
 }

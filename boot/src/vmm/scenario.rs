@@ -1,223 +1,28 @@
-//! The `guests` scenario and the guest part of the demo: the VMs of the
-//! command line run the test guest (`qemu-tests/guests/test-guest`), whose
-//! console lines say what each step saw; Sluice judges them, and checks
-//! from the host side what no guest can see: that the victim buffer of the
-//! `dma` guest still holds its pattern after the attacker's DMA.
+//! The `guests` scenario and the guest part of the demo on x86_64: the
+//! VMs of the command line over the owned VT-d units, judged by
+//! `crate::guest_runtime::verdict`.
 
 extern crate alloc;
 
-use alloc::format;
 use alloc::string::String;
-use alloc::vec::Vec;
 
-use sluice_abi::cmd;
-use sluice_hypervisor::iommufd::GuestMemory;
-use sluice_hypervisor::vm::instance::RunEnd;
 use sluice_kernel::platform::Platform;
 use sluice_kernel::println;
 
-use super::guests::{self, RanVm};
-
-/// The test guest's addresses and patterns, shared with it.
-#[allow(dead_code)]
-#[path = "../../../qemu-tests/guests/test-guest/src/layout.rs"]
-mod guest_layout;
-
-/// What one guest reported.
-#[derive(Debug, Default)]
-struct GuestVerdict {
-    passed: u32,
-    failed: Vec<String>,
-    done: Option<(u32, u32)>,
-    victim: Option<u64>,
-}
-
-fn number(text: &str) -> Option<u64> {
-    match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => text.parse().ok(),
-    }
-}
-
-fn judge(console: &[String]) -> GuestVerdict {
-    let mut v = GuestVerdict::default();
-    for line in console {
-        let mut words = line.split_whitespace();
-        match words.next() {
-            Some("GUEST-TEST") => {
-                let step = words.next().unwrap_or("?");
-                match words.next() {
-                    Some("PASS") => v.passed += 1,
-                    _ => v
-                        .failed
-                        .push(format!("{step}: {}", words.collect::<Vec<_>>().join(" "))),
-                }
-            }
-            Some("GUEST-DONE") => {
-                let mut passed = None;
-                let mut failed = None;
-                for w in words {
-                    if let Some(n) = w.strip_prefix("passed=") {
-                        passed = n.parse().ok();
-                    } else if let Some(n) = w.strip_prefix("failed=") {
-                        failed = n.parse().ok();
-                    }
-                }
-                if let (Some(p), Some(f)) = (passed, failed) {
-                    v.done = Some((p, f));
-                }
-            }
-            Some("GUEST-INFO") if words.next() == Some("victim") => {
-                v.victim = words.find_map(|w| w.strip_prefix("gpa=")).and_then(number);
-            }
-            _ => {}
-        }
-    }
-    v
-}
-
-/// Checks every VM's run; the error names the first problem of each VM.
-fn check(ran: &[RanVm]) -> Result<(), String> {
-    let mut problems = Vec::new();
-    for r in ran {
-        let name = &r.report.name;
-        let stats = &r.report.stats;
-        let maps = stats.calls(cmd::IOAS_MAP);
-        println!(
-            "  VM {name}: {} exits ({} hypercalls, {} of them IOAS_MAP: one exit each; {} config-space, {} console), {} ms",
-            stats.total,
-            stats.hypercalls,
-            maps,
-            stats.nested_page_faults,
-            stats.port_io,
-            r.report.elapsed_ns / 1_000_000
-        );
-        if r.report.end != RunEnd::Finished {
-            problems.push(format!("VM {name} did not finish: {:?}", r.report.end));
-            continue;
-        }
-        let verdict = judge(&r.report.console);
-        if let Some(first) = verdict.failed.first() {
-            problems.push(format!(
-                "VM {name}: {} step(s) failed, first {first}",
-                verdict.failed.len()
-            ));
-            continue;
-        }
-        match verdict.done {
-            Some((passed, 0)) if passed == verdict.passed && passed > 0 => {}
-            other => {
-                problems.push(format!(
-                    "VM {name}: GUEST-DONE {other:?} does not match {} passing steps",
-                    verdict.passed
-                ));
-                continue;
-            }
-        }
-        if let Some(gpa) = verdict.victim {
-            // Read through the VM's RAM from the host: no guest view can
-            // hide a stray DMA write here.
-            let mut page = alloc::vec![0u8; guest_layout::PAGE as usize];
-            if let Err(e) = r.vm.ram.read(gpa, &mut page) {
-                problems.push(format!(
-                    "VM {name}: victim buffer at {gpa:#x} unreadable: {e:?}"
-                ));
-                continue;
-            }
-            let bad = (0..page.len()).find(|&i| page[i] != guest_layout::victim_byte(i));
-            match bad {
-                Some(i) => problems.push(format!(
-                    "VM {name}: victim buffer byte {i} is {:#x}, expected {:#x}: another VM's DMA reached it",
-                    page[i],
-                    guest_layout::victim_byte(i)
-                )),
-                None => println!(
-                    "  VM {name}: victim buffer at {gpa:#x} intact after every other VM's DMA (checked from the host)"
-                ),
-            }
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    }
-}
+use super::Svm;
+use super::guests::prepare;
+use crate::guest_runtime::verdict;
 
 /// Runs the configured VMs and judges them (the `guests` scenario).
 pub fn run(platform: &'static Platform) -> Result<(), String> {
-    let machine = guests::prepare(platform)?;
-    let ran = guests::run_all(&machine, false)?;
-    let verdict = check(&ran);
-    for r in ran {
-        guests::finish(&machine, r);
-    }
-    verdict
+    verdict::run_and_check::<Svm, _>(&prepare(platform)?, false)
 }
 
-/// The demo with `vm=` words: every step narrated as the guests take it,
-/// then the same checks as the `guests` scenario. Returns whether all
-/// passed.
+/// The demo with `vm=` words (see [`verdict::demo`]).
 pub fn demo(platform: &'static Platform) -> bool {
     let start = sluice_kernel::clock::now_ns().unwrap_or(0);
     println!(
         "Sluice demo: taking over PCI and every VT-d unit; every device is blocked until a guest binds it"
     );
-    let machine = match guests::prepare(platform) {
-        Ok(m) => m,
-        Err(why) => {
-            println!("Sluice demo: cannot start the VMs: {why}");
-            return false;
-        }
-    };
-    for vm in &machine.vms {
-        let devices: Vec<String> = vm
-            .devices
-            .iter()
-            .map(|d| {
-                format!(
-                    "host {} as guest {} (IOMMU group {})",
-                    d.host, d.guest, d.group
-                )
-            })
-            .collect();
-        println!(
-            "  VM {}: {} MiB of scrubbed RAM behind nested page tables, guest `{}` ({}), devices: {}",
-            vm.config.name,
-            vm.config.memory >> 20,
-            vm.config.image,
-            vm.config.args,
-            devices.join(", ")
-        );
-    }
-    println!(
-        "  Each VM runs on its own CPU; further VMs start once the first is ready. Guest steps:"
-    );
-    let ran = match guests::run_all(&machine, true) {
-        Ok(ran) => ran,
-        Err(why) => {
-            println!("Sluice demo: the VMs did not run: {why}");
-            return false;
-        }
-    };
-    let verdict = check(&ran);
-    for r in ran {
-        guests::finish(&machine, r);
-    }
-    let elapsed_ms = sluice_kernel::clock::now_ns()
-        .unwrap_or(0)
-        .saturating_sub(start)
-        / 1_000_000;
-    match verdict {
-        Ok(()) => {
-            println!(
-                "Sluice demo done in {elapsed_ms} ms: every guest step passed and no VM reached another's memory."
-            );
-            true
-        }
-        Err(why) => {
-            println!("Sluice demo FAILED after {elapsed_ms} ms: {why}");
-            false
-        }
-    }
+    verdict::demo::<Svm, _>(prepare(platform), start)
 }

@@ -1,21 +1,13 @@
-//! What the hypervisor crate asks of bare metal on aarch64: the world
-//! switch into a guest at EL1 ([`sluice_kernel::arch::guest`]), host
-//! frames for guest RAM, and the run loop's host hooks.
+//! What the hypervisor crate asks of bare metal on aarch64 besides what
+//! both architectures share (`crate::guest_runtime`): the world switch into
+//! a guest at EL1 ([`sluice_kernel::arch::guest`]).
 
-use core::sync::atomic::{AtomicBool, Ordering};
-
-use sluice_hal::PhysAddr;
 use sluice_hypervisor::vcpu::Aarch64Registers;
 use sluice_hypervisor::vcpu::el2::{
     El1SystemRegisters, El2Hardware, ExceptionKind, ExitSyndrome, FpRegisters, GuestContext,
     GuestControl,
 };
-use sluice_hypervisor::vm::exits::CpuidSource;
-use sluice_hypervisor::vm::instance::RunHost;
-use sluice_hypervisor::vm::memory::{FrameError, FrameSource};
 use sluice_kernel::arch::guest::{self, GuestState};
-use sluice_kernel::memory::frame::FrameAllocator;
-use spin::Mutex;
 
 /// The world switch on this CPU. Made only where
 /// [`guest::check_this_cpu`] succeeded.
@@ -137,85 +129,6 @@ impl El2Hardware for BareMetalEl2 {
             esr: exit.esr,
             far: exit.far,
             hpfar: exit.hpfar,
-        }
-    }
-}
-
-/// Guest RAM from the kernel's frame allocator. Frames are identity-mapped
-/// in Sluice's own page tables, so they are read and written directly.
-pub struct KernelFrames<'a> {
-    frames: &'a Mutex<FrameAllocator>,
-}
-
-impl<'a> KernelFrames<'a> {
-    pub const fn new(frames: &'a Mutex<FrameAllocator>) -> Self {
-        Self { frames }
-    }
-}
-
-impl FrameSource for KernelFrames<'_> {
-    fn allocate(&self, frames: u64, align: u64) -> Result<PhysAddr, FrameError> {
-        self.frames
-            .lock()
-            .allocate(frames, align)
-            .map(PhysAddr::new)
-            .map_err(|_| FrameError)
-    }
-    fn free(&self, base: PhysAddr, frames: u64) {
-        if let Err(e) = self.frames.lock().free(base.as_u64(), frames) {
-            log::error!(
-                "guest RAM at {:#x}: {e}; the frames stay allocated",
-                base.as_u64()
-            );
-        }
-    }
-    fn read(&self, phys: PhysAddr, out: &mut [u8]) {
-        // SAFETY: the caller stays inside one allocation from `allocate`
-        // (the trait's contract), which is identity-mapped RAM we own.
-        unsafe {
-            core::ptr::copy_nonoverlapping(phys.as_u64() as *const u8, out.as_mut_ptr(), out.len())
-        }
-    }
-    fn write(&self, phys: PhysAddr, data: &[u8]) {
-        // SAFETY: as `read`.
-        unsafe {
-            core::ptr::copy_nonoverlapping(data.as_ptr(), phys.as_u64() as *mut u8, data.len())
-        }
-    }
-    fn zero(&self, phys: PhysAddr, len: u64) {
-        // SAFETY: as `read`.
-        unsafe { core::ptr::write_bytes(phys.as_u64() as *mut u8, 0, len as usize) }
-    }
-}
-
-/// The host CPU, for the run loop. With a `ready` flag it is the first
-/// VM's host: the flag is raised when the guest prints `GUEST-READY`.
-pub struct HostCpu {
-    pub ready: Option<&'static AtomicBool>,
-}
-
-/// aarch64 has no CPUID: the run loop never asks (no exit carries it).
-struct NoCpuid;
-
-impl CpuidSource for NoCpuid {
-    fn host_cpuid(&self, _leaf: u32, _subleaf: u32) -> [u32; 4] {
-        [0; 4]
-    }
-}
-
-impl RunHost for HostCpu {
-    fn cpuid(&self) -> &dyn CpuidSource {
-        &NoCpuid
-    }
-    fn flush_caches(&mut self) {
-        // Only x86 WBINVD/INVD exits ask for this; no aarch64 exit does.
-        log::error!("a cache flush was requested for an aarch64 guest: no exit should ask for one");
-    }
-    fn console_line(&mut self, _vm: &str, line: &str) {
-        if line == "GUEST-READY"
-            && let Some(flag) = self.ready
-        {
-            flag.store(true, Ordering::Release);
         }
     }
 }

@@ -6,6 +6,7 @@
 //! any other way.
 
 use sluice_hal::PhysAddr;
+use sluice_pci::Bdf;
 
 /// A physical device as the platform names it (an index the PCI layer hands
 /// out; the backend maps it to its requester ID and DMA aliases).
@@ -148,6 +149,25 @@ pub enum FaultReason {
     NotPresent,
     Permission,
     Blocked,
+}
+
+/// Resets a PCI function on behalf of the backend (the boot code implements
+/// it over PCI configuration space: PCIe base spec, "Function Level
+/// Reset").
+pub trait FunctionReset {
+    /// Issues a function-level reset of `rid` and waits for it to finish.
+    fn function_level_reset(&mut self, rid: Bdf) -> Result<(), ResetError>;
+}
+
+/// Why a function-level reset did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetError {
+    /// The function has no FLR capability.
+    NotCapable,
+    /// The function did not come back within the allowed time.
+    Timeout,
+    /// Anything else, described for the log.
+    Failed(&'static str),
 }
 
 /// What an IOMMU driver provides to the iommufd object model.

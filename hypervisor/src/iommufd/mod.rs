@@ -34,11 +34,11 @@ use sluice_abi::errno;
 
 pub use backend::{
     AttachTarget, BackendError, DeviceId, DmaFault, DomainConfig, DomainId, FaultReason,
-    IommuBackend, IommuCaps, PageBudget, Prot,
+    FunctionReset, IommuBackend, IommuCaps, PageBudget, Prot, ResetError,
 };
 pub use guest_memory::{GuestMemory, GuestMemoryError, HostChunk};
 use ioas::{Area, Ioas, ReserveOwner, Span};
-pub use vtd_backend::{FunctionReset, RegisterError, ResetError, VtdBackend, VtdDevice};
+pub use vtd_backend::{RegisterError, VtdBackend, VtdDevice};
 
 /// The x86 MSI address window (Intel SDM vol. 3, "Message Address Register
 /// Format"): DMA writes there are interrupt requests, never memory.

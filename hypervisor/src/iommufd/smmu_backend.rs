@@ -65,11 +65,11 @@ use sluice_iommu::smmuv3::{
     StageRequest,
 };
 
+use super::backend::FunctionReset;
 use super::backend::{
     AttachTarget, BackendError, DeviceId, DmaFault, DomainConfig, DomainId, FaultReason,
     IommuBackend, IommuCaps, PageBudget, Prot,
 };
-use super::vtd_backend::FunctionReset;
 
 /// An assignable device as the backend needs to know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,27 +38,8 @@ use sluice_pci::Bdf;
 
 use super::backend::{
     AttachTarget, BackendError, DeviceId, DmaFault, DomainConfig, DomainId, FaultReason,
-    IommuBackend, IommuCaps, PageBudget, Prot,
+    FunctionReset, IommuBackend, IommuCaps, PageBudget, Prot,
 };
-
-/// Resets a PCI function on behalf of the backend (the boot code implements
-/// it over PCI configuration space: PCIe base spec, "Function Level
-/// Reset").
-pub trait FunctionReset {
-    /// Issues a function-level reset of `rid` and waits for it to finish.
-    fn function_level_reset(&mut self, rid: Bdf) -> Result<(), ResetError>;
-}
-
-/// Why a function-level reset did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResetError {
-    /// The function has no FLR capability.
-    NotCapable,
-    /// The function did not come back within the allowed time.
-    Timeout,
-    /// Anything else, described for the log.
-    Failed(&'static str),
-}
 
 /// An assignable device as the backend needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -711,6 +711,12 @@ pub trait VcpuBackend {
     /// Uses the nested page table (NPT / EPT) rooted at `root` from the next
     /// entry on, and flushes the vCPU's cached guest-physical translations.
     fn set_nested_root(&mut self, vcpu: &mut Self::Vcpu, root: PhysAddr) -> Result<(), VcpuError>;
+    /// Gives back what the vCPU held (its ASID / VPID / VMID). Backends
+    /// that tag translations per vCPU override this; for the rest dropping
+    /// the vCPU is all there is to it.
+    fn destroy_vcpu(&mut self, vcpu: Self::Vcpu) {
+        drop(vcpu);
+    }
 
     /// An aarch64 vCPU that starts at `entry`. x86 backends refuse.
     fn create_aarch64_vcpu(&mut self, entry: &Aarch64EntryState) -> Result<Self::Vcpu, VcpuError> {

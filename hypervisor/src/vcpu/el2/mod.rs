@@ -233,18 +233,18 @@ impl<H: El2Hardware> El2Backend<H> {
     pub fn vtcr_el2(&self) -> u64 {
         self.vtcr_el2
     }
-
-    /// Releases the vCPU's VMID (its TLB entries are flushed when the VMID
-    /// is handed out again).
-    pub fn destroy_vcpu(&mut self, vcpu: El2Vcpu) {
-        if let Err(e) = self.vmids.free(u32::from(vcpu.vmid)) {
-            log::error!("EL2: freeing vCPU VMID {} failed: {e:?}", vcpu.vmid);
-        }
-    }
 }
 
 impl<H: El2Hardware> VcpuBackend for El2Backend<H> {
     type Vcpu = El2Vcpu;
+
+    /// Releases the vCPU's VMID (its TLB entries are flushed when the VMID
+    /// is handed out again).
+    fn destroy_vcpu(&mut self, vcpu: El2Vcpu) {
+        if let Err(e) = self.vmids.free(u32::from(vcpu.vmid)) {
+            log::error!("EL2: freeing vCPU VMID {} failed: {e:?}", vcpu.vmid);
+        }
+    }
 
     fn create_vcpu(&mut self, _entry: &EntryState) -> Result<El2Vcpu, VcpuError> {
         Err(VcpuError::Unsupported(

@@ -135,13 +135,6 @@ impl<H: SvmHardware> SvmBackend<H> {
         &mut self.msrpm
     }
 
-    /// Releases the vCPU's ASID.
-    pub fn destroy_vcpu(&mut self, vcpu: SvmVcpu) {
-        if let Err(e) = self.asids.free(vcpu.asid) {
-            log::error!("SVM: freeing vCPU ASID failed: {e:?}");
-        }
-    }
-
     fn flush_value(&self) -> u8 {
         if self.features.flush_by_asid {
             tlb_control::FLUSH_GUEST
@@ -153,6 +146,13 @@ impl<H: SvmHardware> SvmBackend<H> {
 
 impl<H: SvmHardware> VcpuBackend for SvmBackend<H> {
     type Vcpu = SvmVcpu;
+
+    /// Releases the vCPU's ASID.
+    fn destroy_vcpu(&mut self, vcpu: SvmVcpu) {
+        if let Err(e) = self.asids.free(vcpu.asid) {
+            log::error!("SVM: freeing vCPU ASID failed: {e:?}");
+        }
+    }
 
     fn create_vcpu(&mut self, entry: &EntryState) -> Result<SvmVcpu, VcpuError> {
         let asid = self.asids.allocate().map_err(|e| match e {

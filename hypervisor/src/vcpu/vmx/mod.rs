@@ -298,12 +298,6 @@ impl<H: VmxHardware> VmxBackend<H> {
         &mut self.msrs
     }
 
-    pub fn destroy_vcpu(&mut self, vcpu: VmxVcpu<H::Vmcs>) {
-        if let Err(e) = self.vpids.free(u32::from(vcpu.vpid)) {
-            log::error!("VMX: freeing VPID failed: {e:?}");
-        }
-    }
-
     fn write_segment(vmcs: &mut H::Vmcs, index: u32, s: &Segment) {
         // Selector, limit, access rights and base of ES..TR share their
         // index (SDM appendix B): 2*index apart from the first of each.
@@ -334,6 +328,13 @@ fn entry_error(instruction_error: u32) -> VcpuError {
 
 impl<H: VmxHardware> VcpuBackend for VmxBackend<H> {
     type Vcpu = VmxVcpu<H::Vmcs>;
+
+    /// Releases the vCPU's VPID.
+    fn destroy_vcpu(&mut self, vcpu: VmxVcpu<H::Vmcs>) {
+        if let Err(e) = self.vpids.free(u32::from(vcpu.vpid)) {
+            log::error!("VMX: freeing VPID failed: {e:?}");
+        }
+    }
 
     fn create_vcpu(&mut self, entry: &EntryState) -> Result<Self::Vcpu, VcpuError> {
         let c = &self.caps;

@@ -44,3 +44,16 @@ pub fn describe(step: &str) -> Option<&'static str> {
         _ => return None,
     })
 }
+
+/// One demo line for a guest step: `GUEST-TEST <step> PASS|FAIL ...`.
+pub fn narrate(vm: &str, line: &str) {
+    let mut words = line.split_whitespace();
+    if words.next() != Some("GUEST-TEST") {
+        return;
+    }
+    let Some(step) = words.next() else { return };
+    let verdict = words.next().unwrap_or("?");
+    if let Some(what) = describe(step) {
+        sluice_kernel::println!("  [{vm}] {what}: {verdict}");
+    }
+}
