@@ -114,6 +114,19 @@ impl PageBudget {
         debug_assert!(pages <= self.used_pages, "page budget released twice");
         self.used_pages = self.used_pages.saturating_sub(pages);
     }
+
+    /// Brings what an object is charged (`charged`) to what it holds now
+    /// (`now`): charges the growth or releases the shrinkage. Over the
+    /// limit nothing changes.
+    pub fn settle(&mut self, charged: &mut u64, now: u64) -> Result<(), BackendError> {
+        if now > *charged {
+            self.charge(now - *charged)?;
+        } else {
+            self.release(*charged - now);
+        }
+        *charged = now;
+        Ok(())
+    }
 }
 
 /// Why a backend operation failed.
@@ -168,6 +181,28 @@ pub enum ResetError {
     Timeout,
     /// Anything else, described for the log.
     Failed(&'static str),
+}
+
+/// A backend's [`IommuBackend::reset_device`]: `Unsupported` (logged by
+/// `backend`'s name) without FLR, without a reset method, or when the
+/// reset fails.
+pub fn reset_function(
+    reset: Option<&mut (dyn FunctionReset + '_)>,
+    flr: bool,
+    rid: Bdf,
+    backend: &str,
+) -> Result<(), BackendError> {
+    if !flr {
+        return Err(BackendError::Unsupported);
+    }
+    let Some(reset) = reset else {
+        log::warn!("{backend} backend: no function-reset method; {rid} not reset");
+        return Err(BackendError::Unsupported);
+    };
+    reset.function_level_reset(rid).map_err(|e| {
+        log::warn!("{backend} backend: function-level reset of {rid} failed: {e:?}");
+        BackendError::Unsupported
+    })
 }
 
 /// What an IOMMU driver provides to the iommufd object model.
@@ -225,4 +260,53 @@ pub trait IommuBackend {
 
     /// Hands every DMA fault recorded since the last call to `sink`.
     fn drain_faults(&mut self, sink: &mut dyn FnMut(DmaFault));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settling_charges_growth_releases_shrinkage_and_refuses_over_the_limit() {
+        let mut budget = PageBudget::new(10);
+        let mut charged = 0;
+        budget.settle(&mut charged, 4).unwrap();
+        assert_eq!((budget.used_pages, charged), (4, 4));
+        budget.settle(&mut charged, 1).unwrap();
+        assert_eq!((budget.used_pages, charged), (1, 1));
+        assert_eq!(
+            budget.settle(&mut charged, 12),
+            Err(BackendError::QuotaExceeded)
+        );
+        assert_eq!((budget.used_pages, charged), (1, 1), "nothing changed");
+    }
+
+    #[test]
+    fn resets_need_flr_and_a_method() {
+        struct Counting(u32, Result<(), ResetError>);
+        impl FunctionReset for Counting {
+            fn function_level_reset(&mut self, _rid: Bdf) -> Result<(), ResetError> {
+                self.0 += 1;
+                self.1
+            }
+        }
+        let rid = Bdf::new(0, 3, 0);
+        let mut ok = Counting(0, Ok(()));
+        assert_eq!(
+            reset_function(Some(&mut ok), false, rid, "t"),
+            Err(BackendError::Unsupported)
+        );
+        assert_eq!(ok.0, 0, "no FLR: not attempted");
+        assert_eq!(
+            reset_function(None, true, rid, "t"),
+            Err(BackendError::Unsupported)
+        );
+        assert_eq!(reset_function(Some(&mut ok), true, rid, "t"), Ok(()));
+        assert_eq!(ok.0, 1);
+        let mut failing = Counting(0, Err(ResetError::Timeout));
+        assert_eq!(
+            reset_function(Some(&mut failing), true, rid, "t"),
+            Err(BackendError::Unsupported)
+        );
+    }
 }

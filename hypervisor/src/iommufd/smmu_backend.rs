@@ -68,7 +68,7 @@ use sluice_iommu::smmuv3::{
 use super::backend::FunctionReset;
 use super::backend::{
     AttachTarget, BackendError, DeviceId, DmaFault, DomainConfig, DomainId, FaultReason,
-    IommuBackend, IommuCaps, PageBudget, Prot,
+    IommuBackend, IommuCaps, PageBudget, Prot, reset_function,
 };
 
 /// An assignable device as the backend needs to know it.
@@ -399,16 +399,10 @@ impl<'a> SmmuBackend<'a> {
             return Ok(());
         };
         let now = self.table_pages(d);
-        let charged = d.charged;
-        if now > charged {
-            budget.charge(now - charged)?;
-        } else {
-            budget.release(charged - now);
+        match self.domains.get_mut(&id) {
+            Some(d) => budget.settle(&mut d.charged, now),
+            None => Ok(()),
         }
-        if let Some(d) = self.domains.get_mut(&id) {
-            d.charged = now;
-        }
-        Ok(())
     }
 
     /// Unmaps `[iova, iova + len)` of a domain in the driver, logging
@@ -888,18 +882,8 @@ impl IommuBackend for SmmuBackend<'_> {
             .devices
             .get(&device)
             .ok_or(BackendError::NoSuchDevice)?;
-        if !d.desc.flr {
-            return Err(BackendError::Unsupported);
-        }
-        let rid = d.desc.rid;
-        let Some(reset) = self.reset.as_mut() else {
-            log::warn!("smmu backend: no function-reset method; {rid} not reset");
-            return Err(BackendError::Unsupported);
-        };
-        reset.function_level_reset(rid).map_err(|e| {
-            log::warn!("smmu backend: function-level reset of {rid} failed: {e:?}");
-            BackendError::Unsupported
-        })
+        let (flr, rid) = (d.desc.flr, d.desc.rid);
+        reset_function(self.reset.as_deref_mut(), flr, rid, "smmu")
     }
 
     fn drain_faults(&mut self, sink: &mut dyn FnMut(DmaFault)) {
