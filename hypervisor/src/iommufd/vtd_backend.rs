@@ -890,10 +890,8 @@ impl IommuBackend for VtdBackend<'_> {
                 }
                 sink(DmaFault {
                     device,
-                    // Requests without a PASID run through the RID_PASID
-                    // entry in scalable mode, and some units (QEMU's) report
-                    // their faults with that PASID: they are RID faults.
-                    pasid: r.pasid.filter(|&p| p != vtd::unit::RID_PASID),
+                    // The driver reports RID_PASID faults as RID faults.
+                    pasid: r.pasid,
                     iova: r.address,
                     write: r.access == vtd::AccessKind::Write,
                     reason,

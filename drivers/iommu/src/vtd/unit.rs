@@ -1695,14 +1695,16 @@ impl<'a> VtdUnit<'a> {
             suppressed_logs: raw.suppressed_logs,
         };
         let capacity = self.config.domain_fault_queue;
-        for record in raw.records {
+        for mut record in raw.records {
+            // A record may name RID_PASID for a request without PASID
+            // (QEMU's unit does): it is a fault of the RID, and is reported
+            // as one (the log above still shows the record as read).
+            if record.pasid == Some(RID_PASID) {
+                record.pasid = None;
+            }
             let sid = record.source.requester_id();
             let did = self.devices.get(&sid).and_then(|dev| match record.pasid {
-                // A record may name RID_PASID for a request without PASID
-                // (QEMU's unit does): that is the RID's domain.
-                Some(p) if self.mode == TranslationMode::Scalable && p != RID_PASID => {
-                    dev.pasids.get(&p).copied()
-                }
+                Some(p) if self.mode == TranslationMode::Scalable => dev.pasids.get(&p).copied(),
                 _ => dev.rid_domain,
             });
             if let Some(d) = did.and_then(|d| self.domains.get_mut(&d)) {
