@@ -237,30 +237,13 @@ pub const SCENARIOS: &[Scenario] = &[
         smp: 2,
         ..Scenario::DEFAULT
     },
-    // Guests under SVM with nested paging, each owning an edu: `victim`
-    // runs the test guest's `dma` scenario (map, bind, attach, DMA both
-    // ways, faults into its queue, unmap, replace, detach, unbind) and
-    // leaves a buffer mapped; `attacker`, on the second CPU, aims its own
-    // edu at that buffer's IOVA and GPA. Sluice checks every guest step and,
-    // from the host, that the victim's buffer is intact. Interrupt
-    // remapping is on: without it binding is refused (MSIs not isolated).
-    Scenario {
-        name: "guests-legacy",
-        arches: &[Arch::X86_64],
-        intel_iommu: "intremap=on",
-        cmdline: GUESTS,
-        qemu_args: &["-device", "edu", "-device", "edu"],
-        smp: 2,
-        ..Scenario::DEFAULT
-    },
+    // Two guests under SVM, victim and attacker (see GUESTS_X86), on the
+    // legacy and the scalable-mode VT-d tables.
+    GUESTS_X86,
     Scenario {
         name: "guests-scalable",
-        arches: &[Arch::X86_64],
         intel_iommu: "intremap=on,x-scalable-mode=on",
-        cmdline: GUESTS,
-        qemu_args: &["-device", "edu", "-device", "edu"],
-        smp: 2,
-        ..Scenario::DEFAULT
+        ..GUESTS_X86
     },
     // One guest making hostile hypercalls: every one fails with its errno
     // and the guest (and Sluice) keep running.
@@ -283,21 +266,58 @@ pub const SCENARIOS: &[Scenario] = &[
         cmdline: "test=guests vm=hostile:mem=16M:image=test-guest:args=hostile",
         ..Scenario::DEFAULT
     },
-    // aarch64: the two-VM guests scenario at EL1 under Sluice's EL2, each
-    // VM on its own CPU with its edu behind the SMMUv3: `victim` runs the
-    // whole dma life cycle, `attacker` aims its edu at the victim's IOVA
-    // and GPA; Sluice checks every step and the victim's buffer from the
-    // host. MSIs are not isolated on aarch64 yet (no ITS driver), so this
-    // scenario's VMs bind with allow_unsafe_interrupts, logged per device.
-    Scenario {
-        name: "el2-guests",
-        arches: &[Arch::Aarch64],
-        cmdline: GUESTS,
-        qemu_args: WIDE_EDUS,
-        smp: 2,
-        ..Scenario::DEFAULT
-    },
+    // aarch64: the same two guests at EL1 behind the SMMUv3 (see
+    // GUESTS_AARCH64).
+    GUESTS_AARCH64,
 ];
+
+/// Guests under SVM with nested paging, each owning an edu: `victim` runs
+/// the test guest's `dma` scenario (map, bind, attach, DMA both ways,
+/// faults into its queue, unmap, replace, detach, unbind) and leaves a
+/// buffer mapped; `attacker`, on the second CPU, aims its own edu at that
+/// buffer's IOVA and GPA. Sluice checks every guest step and, from the
+/// host, that the victim's buffer is intact. Interrupt remapping is on:
+/// without it binding is refused (MSIs not isolated). The x86_64 demo
+/// boots this board (see [`guests_scenario`]).
+pub const GUESTS_X86: Scenario = Scenario {
+    name: "guests-legacy",
+    arches: &[Arch::X86_64],
+    intel_iommu: "intremap=on",
+    cmdline: GUESTS,
+    qemu_args: EDUS,
+    smp: 2,
+    ..Scenario::DEFAULT
+};
+
+/// aarch64: the two-VM guests scenario at EL1 under Sluice's EL2, each VM
+/// on its own CPU with its edu behind the SMMUv3: `victim` runs the whole
+/// dma life cycle, `attacker` aims its edu at the victim's IOVA and GPA;
+/// Sluice checks every step and the victim's buffer from the host. MSIs are
+/// not isolated on aarch64 yet (no ITS driver), so this scenario's VMs bind
+/// with allow_unsafe_interrupts, logged per device. The aarch64 demo boots
+/// this board (see [`guests_scenario`]).
+pub const GUESTS_AARCH64: Scenario = Scenario {
+    name: "el2-guests",
+    arches: &[Arch::Aarch64],
+    cmdline: GUESTS,
+    qemu_args: WIDE_EDUS,
+    smp: 2,
+    ..Scenario::DEFAULT
+};
+
+/// The two-VM guests scenario of `arch`: its board (devices, CPUs, IOMMU
+/// properties) and its `vm=` words without `test=` make the demo
+/// (`crate::qemu::BootRequest::demo`).
+pub const fn guests_scenario(arch: Arch) -> &'static Scenario {
+    match arch {
+        Arch::X86_64 => &GUESTS_X86,
+        Arch::Aarch64 => &GUESTS_AARCH64,
+    }
+}
+
+/// One edu per VM of [`GUESTS`], with edu's default 28-bit DMA mask: on
+/// x86_64 the guests' RAM and IOVAs sit below 256 MiB.
+pub const EDUS: &[&str] = &["-device", "edu", "-device", "edu"];
 
 /// Two edus whose DMA mask reaches virt's RAM above 1 GiB: the attacker of
 /// the aarch64 guests scenario aims at GPAs there.
@@ -308,10 +328,23 @@ pub const WIDE_EDUS: &[&str] = &[
     "edu,dma_mask=0xffffffffffffffff",
 ];
 
+/// The two VMs of the guests scenarios and the demo, as one literal so
+/// that [`GUEST_VMS`] and [`GUESTS`] cannot drift apart (`concat!` takes
+/// literals, not constants). `victim` owns the first edu (00:01.0) and runs
+/// the test guest's `dma` scenario; `attacker` owns the second (00:02.0).
+macro_rules! guest_vms {
+    () => {
+        "vm=victim:mem=16M:image=test-guest:dev=00:01.0:args=dma \
+         vm=attacker:mem=16M:image=test-guest:dev=00:02.0:args=attacker"
+    };
+}
+
+/// The `vm=` words of the two-VM guests scenarios, without `test=`: with
+/// no `test=` word Sluice runs them as its demo.
+pub const GUEST_VMS: &str = guest_vms!();
+
 /// The two-VM command line of the guest scenarios.
-pub const GUESTS: &str = "test=guests \
-    vm=victim:mem=16M:image=test-guest:dev=00:01.0:args=dma \
-    vm=attacker:mem=16M:image=test-guest:dev=00:02.0:args=attacker";
+pub const GUESTS: &str = concat!("test=guests ", guest_vms!());
 
 /// The topology scenario's devices: edu on the root complex, behind a PCIe
 /// root port, and two behind a PCIe-to-PCI bridge.
@@ -385,6 +418,45 @@ mod tests {
             }
         );
         assert!(find("no-such-scenario").is_none());
+    }
+
+    #[test]
+    fn guests_scenarios_share_their_vms_with_the_demo() {
+        assert_eq!(GUESTS, format!("test=guests {GUEST_VMS}"));
+        assert!(
+            !GUEST_VMS
+                .split_ascii_whitespace()
+                .any(|w| w.starts_with("test=")),
+            "{GUEST_VMS}"
+        );
+        assert_eq!(GUEST_VMS.split_ascii_whitespace().count(), 2);
+        for arch in Arch::ALL {
+            let guests = guests_scenario(arch);
+            assert_eq!(guests.arches, [arch], "{}", guests.name);
+            assert_eq!(find(guests.name), Some(guests), "in the table");
+            assert_eq!(guests.cmdline, GUESTS);
+            assert_eq!(guests.test_name(), "guests");
+            assert_eq!(guests.smp, 2, "one CPU per VM");
+            let edus = guests
+                .qemu_args
+                .iter()
+                .filter(|arg| arg.starts_with("edu"))
+                .count();
+            assert_eq!(edus, 2, "one edu per VM on {arch}");
+        }
+        assert_eq!(guests_scenario(Arch::X86_64).name, "guests-legacy");
+        assert_eq!(guests_scenario(Arch::Aarch64).name, "el2-guests");
+        // scalable mode differs from guests-legacy only in its VT-d tables.
+        let scalable = find("guests-scalable").unwrap();
+        assert_eq!(
+            *scalable,
+            Scenario {
+                name: "guests-scalable",
+                intel_iommu: "intremap=on,x-scalable-mode=on",
+                ..GUESTS_X86
+            }
+        );
+        assert_eq!(scalable.qemu_args, ["-device", "edu", "-device", "edu"]);
     }
 
     #[test]
