@@ -22,7 +22,10 @@
 use sluice_abi::{
     self as abi, errno, fault_flags, fault_reason, hw_caps, hwpt_flags, map_flags, wbinvd,
 };
-use sluice_hypervisor::iommufd::{AttachTarget, DomainId, FaultReason, Quota, VmConfig, VmId};
+use sluice_hal::PhysAddr;
+use sluice_hypervisor::iommufd::{
+    ARM_SW_MSI_WINDOW, AttachTarget, DomainId, FaultReason, Quota, VmConfig, VmId,
+};
 use sluice_hypervisor::testing::{
     AnyPlatform, BackendKind, DeviceSetup, DmaOutcome, Platform, SmmuFlavour, VmSetup, VtdFlavour,
     VtdModelIommu,
@@ -843,12 +846,26 @@ fn script() -> Vec<(&'static str, Step)> {
     ]
 }
 
+/// On the SMMU, with Arm's software-managed MSI window and a doorbell per
+/// device, so attaches and replaces map doorbell pages too.
 fn sweep_platform(kind: BackendKind) -> AnyPlatform {
-    Platform::builder()
-        .vm(VM, vm_setup())
-        .device(DeviceSetup::new(VM, S))
-        .device(DeviceSetup::new(VM, N).snoop_control(false))
-        .device(DeviceSetup::new(VM, P).pasid(20, 8))
+    let builder = Platform::builder().vm(VM, vm_setup());
+    let (builder, doorbell) = if kind.is_smmu() {
+        (builder.software_msi_window(), Some(DOORBELL_1))
+    } else {
+        (builder, None)
+    };
+    let device = |bdf| {
+        let d = DeviceSetup::new(VM, bdf);
+        match doorbell {
+            Some(page) => d.msi_doorbell(page),
+            None => d,
+        }
+    };
+    builder
+        .device(device(S))
+        .device(device(N).snoop_control(false))
+        .device(device(P).pasid(20, 8))
         .build_any(kind)
 }
 
@@ -913,6 +930,172 @@ fn allocation_failure_sweep(kind: BackendKind) {
     assert!(failures_seen > 10, "the script allocates: {failures_seen}");
 }
 
+// ----------------------------------------------------------- MSI window
+
+/// Doorbell pages of the devices below (Arm: GITS_TRANSLATER pages of two
+/// ITSes).
+const DOORBELL_1: u64 = 0x0809_0000;
+const DOORBELL_2: u64 = 0x0a09_0000;
+const SW_MSI: u64 = ARM_SW_MSI_WINDOW.0;
+
+/// A and B (group 1) signal the first ITS, C the second; the MSI window is
+/// Arm's software-managed one.
+fn msi_platform(kind: BackendKind) -> AnyPlatform {
+    Platform::builder()
+        .vm(VM, vm_setup())
+        .software_msi_window()
+        .device(DeviceSetup::new(VM, A).group(1).msi_doorbell(DOORBELL_1))
+        .device(DeviceSetup::new(VM, B).group(1).msi_doorbell(DOORBELL_1))
+        .device(DeviceSetup::new(VM, C).group(2).msi_doorbell(DOORBELL_2))
+        .build_any(kind)
+}
+
+fn doorbell(page: u64) -> DmaOutcome {
+    DmaOutcome::Host(PhysAddr::new(page))
+}
+
+fn msi_pages(p: &AnyPlatform, hwpt: u32) -> Vec<(u64, PhysAddr)> {
+    let s = p.iommufd.snapshot(VM);
+    s.hwpts
+        .iter()
+        .find(|h| h.id == hwpt)
+        .unwrap()
+        .msi_pages
+        .clone()
+}
+
+fn window_reserved(p: &AnyPlatform, ioas: u32) -> bool {
+    let s = p.iommufd.snapshot(VM);
+    let i = s.ioases.iter().find(|i| i.id == ioas).unwrap();
+    i.reserved
+        .iter()
+        .any(|&(start, last)| start <= SW_MSI && last >= ARM_SW_MSI_WINDOW.1)
+}
+
+/// Under a software-managed MSI window (Arm), attaching a device's RID
+/// maps its doorbell page into the HWPT, write-only, one window page per
+/// distinct doorbell; the window is reserved in the IOAS while any device
+/// is attached or any doorbell is mapped, and everything goes with the
+/// HWPT.
+fn software_msi_window_maps_doorbells(kind: BackendKind) {
+    let mut p = msi_platform(kind);
+    let ioas = p.ioas_alloc(VM).unwrap();
+    let a = p.bind(VM, A).unwrap().dev_id;
+    let c = p.bind(VM, C).unwrap().dev_id;
+    // Nothing attached: the window is ordinary IOVA space, and a mapping
+    // there makes the attach fail (iommufd: EADDRINUSE) without a trace.
+    p.map(VM, ioas, 0x10_0000, 0x1000, Some(SW_MSI), FIXED)
+        .unwrap();
+    let before = p.iommufd.snapshot(VM);
+    let live = p.live_table_pages();
+    assert_eq!(p.attach(VM, a, ioas), Err(errno::EADDRINUSE));
+    assert_eq!(p.iommufd.snapshot(VM), before);
+    assert_eq!(p.live_table_pages(), live);
+    p.unmap(VM, ioas, SW_MSI, 0x1000).unwrap();
+    p.map(VM, ioas, 0x10_0000, 0x1000, Some(0x10_0000), FIXED)
+        .unwrap();
+
+    // The first attach maps the doorbell at the window's first page.
+    let h = p.attach(VM, a, ioas).unwrap();
+    assert_eq!(msi_pages(&p, h), vec![(SW_MSI, PhysAddr::new(DOORBELL_1))]);
+    assert!(window_reserved(&p, ioas));
+    assert_eq!(
+        p.dma(VM, A, None, SW_MSI + 0x40, true),
+        doorbell(DOORBELL_1 + 0x40)
+    );
+    if !kind.is_smmu() {
+        // A device only writes its doorbell. (SMMU stage 1 cannot express
+        // write-only; isolation comes from the ITS, which keys on the
+        // DeviceID.)
+        assert_eq!(
+            p.dma(VM, A, None, SW_MSI + 0x40, false),
+            fault(FaultReason::Permission)
+        );
+    }
+    assert_eq!(p.dma(VM, A, None, 0x10_0000, true), ram(VM, 0x10_0000));
+    // The window cannot be mapped now (iommufd: reserved → EINVAL), nor
+    // handed out.
+    assert_eq!(
+        p.map(VM, ioas, 0x20_0000, 0x1000, Some(SW_MSI + 0x8_0000), FIXED),
+        Err(errno::EINVAL)
+    );
+    let (ranges, _) = p.iova_ranges(VM, ioas, 16).unwrap();
+    assert!(
+        ranges
+            .iter()
+            .all(|&(start, last)| last < SW_MSI || start > ARM_SW_MSI_WINDOW.1),
+        "{ranges:?}"
+    );
+    // Another device of the same group and doorbell: no second page. A
+    // device of another ITS sharing the HWPT: its doorbell on the next.
+    let b = p.bind(VM, B).unwrap().dev_id;
+    assert_eq!(p.attach(VM, b, ioas), Ok(h));
+    assert_eq!(msi_pages(&p, h).len(), 1);
+    assert_eq!(p.attach(VM, c, ioas), Ok(h));
+    assert_eq!(
+        msi_pages(&p, h),
+        vec![
+            (SW_MSI, PhysAddr::new(DOORBELL_1)),
+            (SW_MSI + 0x1000, PhysAddr::new(DOORBELL_2))
+        ]
+    );
+    assert_eq!(
+        p.dma(VM, C, None, SW_MSI + 0x1040, true),
+        doorbell(DOORBELL_2 + 0x40)
+    );
+    check_budget(&p, VM);
+    // The last detach frees the automatic HWPT with its doorbells: the
+    // window is free IOVA space again.
+    for d in [a, b, c] {
+        p.detach(VM, d, None).unwrap();
+    }
+    assert!(!window_reserved(&p, ioas));
+    assert_eq!(p.iommufd.page_table_pages(VM), 0);
+    p.map(VM, ioas, 0x20_0000, 0x1000, Some(SW_MSI), FIXED)
+        .unwrap();
+    p.unmap(VM, ioas, SW_MSI, 0x1000).unwrap();
+
+    // An explicit HWPT keeps its doorbell after the detach, and the window
+    // stays reserved until the HWPT is destroyed.
+    let hwpt = p.hwpt_alloc(VM, a, ioas, 0, None).unwrap();
+    p.attach(VM, a, hwpt).unwrap();
+    p.detach(VM, a, None).unwrap();
+    assert_eq!(msi_pages(&p, hwpt).len(), 1);
+    assert!(window_reserved(&p, ioas));
+    assert_eq!(
+        p.map(VM, ioas, 0x20_0000, 0x1000, Some(SW_MSI), FIXED),
+        Err(errno::EINVAL)
+    );
+    // A failing hardware attach takes the doorbell it mapped back out.
+    p.destroy(VM, hwpt).unwrap();
+    assert!(!window_reserved(&p, ioas));
+    // (VT-d units without caching mode need no invalidation on attach,
+    // so no failure can be injected there.)
+    if !matches!(kind, BackendKind::Vtd(f) if !f.caching_mode) {
+        p.iommufd.backend_mut().fail_attach_after(Some(0));
+        let before = p.iommufd.snapshot(VM);
+        let live = p.live_table_pages();
+        assert_eq!(p.attach(VM, c, ioas), Err(errno::EINVAL));
+        assert_eq!(p.iommufd.snapshot(VM), before);
+        assert_eq!(p.live_table_pages(), live);
+    }
+    // Replace into a new HWPT maps the doorbell there first.
+    let h1 = p.attach(VM, c, ioas).unwrap();
+    let ioas2 = p.ioas_alloc(VM).unwrap();
+    let h2 = p.replace(VM, c, ioas2).unwrap();
+    assert_ne!(h1, h2);
+    assert_eq!(msi_pages(&p, h2), vec![(SW_MSI, PhysAddr::new(DOORBELL_2))]);
+    assert_eq!(
+        p.dma(VM, C, None, SW_MSI + 0x40, true),
+        doorbell(DOORBELL_2 + 0x40)
+    );
+    assert!(window_reserved(&p, ioas2) && !window_reserved(&p, ioas));
+    check_budget(&p, VM);
+    p.iommufd.destroy_vm(VM).unwrap();
+    assert_eq!(p.live_table_pages(), 0);
+    check_models(&p);
+}
+
 // ------------------------------------------------------------ instances
 
 macro_rules! on_every_backend {
@@ -953,6 +1136,7 @@ on_every_backend!(
     faults_reach_the_queue_of_their_hwpt,
     page_table_quota_gives_enomem_and_loses_nothing,
     allocation_failure_sweep,
+    software_msi_window_maps_doorbells,
 );
 
 #[test]
@@ -1003,4 +1187,5 @@ on_smmu!(
     faults_reach_the_queue_of_their_hwpt,
     page_table_quota_gives_enomem_and_loses_nothing,
     allocation_failure_sweep,
+    software_msi_window_maps_doorbells,
 );

@@ -590,6 +590,7 @@ fn malformed_firmware_rmrr_is_refused_at_assignment() {
         no_snoop: false,
         flr: false,
         pasid_log2: 0,
+        msi_doorbell: None,
     };
     let fresh = abi::bdf(0, 0, 7, 0);
     assert_eq!(

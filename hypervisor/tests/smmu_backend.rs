@@ -26,14 +26,17 @@ use sluice_pci::Bdf;
 const RW: Prot = Prot {
     read: true,
     write: true,
+    mmio: false,
 };
 const RO: Prot = Prot {
     read: true,
     write: false,
+    mmio: false,
 };
 const WO: Prot = Prot {
     read: false,
     write: true,
+    mmio: false,
 };
 const ALL_PAGES: u64 = (1 << 12) | (1 << 21) | (1 << 30);
 

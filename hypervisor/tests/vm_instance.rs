@@ -12,7 +12,8 @@ use sluice_abi::{self as abi, AbiStruct, cmd};
 use sluice_hal::PhysAddr;
 use sluice_hal::model::ModelMemory;
 use sluice_hypervisor::iommufd::{
-    DeviceId, FaultReason, GuestMemory, IommuCaps, Iommufd, VmConfig, VmId, X86_MSI_WINDOW,
+    DeviceId, FaultReason, GuestMemory, IommuCaps, Iommufd, MsiWindow, VmConfig, VmId,
+    X86_MSI_WINDOW,
 };
 use sluice_hypervisor::testing::MockIommu;
 use sluice_hypervisor::vcpu::{
@@ -282,7 +283,7 @@ fn world() -> World {
     let cfg: &'static ModelConfigSpace = Box::leak(Box::new(cfg));
     let mut mock = MockIommu::new(Rc::new(ModelMemory::new()));
     mock.add_device(device_id(EDU), caps(), false);
-    let iommufd = Iommufd::new(mock, Some(X86_MSI_WINDOW));
+    let iommufd = Iommufd::new(mock, Some(MsiWindow::Bypass(X86_MSI_WINDOW)));
     World {
         cfg,
         topo: vec![topo],

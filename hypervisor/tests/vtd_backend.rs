@@ -25,10 +25,12 @@ const HAW: u32 = 46;
 const RW: Prot = Prot {
     read: true,
     write: true,
+    mmio: false,
 };
 const RO: Prot = Prot {
     read: true,
     write: false,
+    mmio: false,
 };
 
 fn unit<'a>(

@@ -29,9 +29,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use log::{info, warn};
 use sluice_hal::PhysAddr;
-use sluice_hypervisor::iommufd::ioas::Span;
 use sluice_hypervisor::iommufd::{
-    FunctionReset, GuestMemory, IommuBackend, Iommufd, ResetError, VmConfig, VmId,
+    FunctionReset, GuestMemory, IommuBackend, Iommufd, MsiWindow, ResetError, VmConfig, VmId,
 };
 use sluice_hypervisor::vcpu::VcpuBackend;
 use sluice_hypervisor::vcpu::hypercall::HypercallDispatcher;
@@ -344,7 +343,7 @@ impl<B: IommuBackend + 'static> Machine<B> {
         map: &IommuMap,
         backend: B,
         registered: &BTreeSet<PciAddress>,
-        msi_window: Option<Span>,
+        msi_window: Option<MsiWindow>,
         vm_config: VmConfig,
     ) -> Result<Self, String> {
         let mut associations = map.per_segment.clone();

@@ -10,7 +10,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use log::warn;
-use sluice_hypervisor::iommufd::{VmConfig, VtdBackend, VtdDevice, X86_MSI_WINDOW};
+use sluice_hypervisor::iommufd::{MsiWindow, VmConfig, VtdBackend, VtdDevice, X86_MSI_WINDOW};
 use sluice_hypervisor::vm::instance::device_id;
 use sluice_kernel::platform::Platform;
 use sluice_pci::PciAddress;
@@ -94,7 +94,7 @@ pub fn prepare(platform: &'static Platform) -> Result<VtdMachine, String> {
         &map,
         backend,
         &registered,
-        Some(X86_MSI_WINDOW),
+        Some(MsiWindow::Bypass(X86_MSI_WINDOW)),
         VmConfig::default(),
     )
 }

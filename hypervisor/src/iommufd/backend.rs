@@ -74,6 +74,11 @@ pub struct DomainConfig {
 pub struct Prot {
     pub read: bool,
     pub write: bool,
+    /// The target is a device register (an MSI doorbell), not RAM: mapped
+    /// with device memory attributes where the format has them (Arm
+    /// stage-1 AttrIndx, stage-2 MemAttr); VT-d tables carry no memory
+    /// type, so there it changes nothing.
+    pub mmio: bool,
 }
 
 /// Where a device's RID or (device, PASID) translates.

@@ -4,6 +4,7 @@
 use alloc::vec::Vec;
 
 use sluice_abi::{fault_flags, fault_reason, hw_caps, wbinvd};
+use sluice_hal::PAGE_SIZE;
 
 use super::ioas::{ReserveOwner, Span};
 use super::{
@@ -11,8 +12,8 @@ use super::{
 };
 use super::{
     AttachTarget, BindResult, BoundDevice, DeviceId, DomainConfig, Error, FAULT_QUEUE_CAPACITY,
-    FaultReason, GroupState, IommuBackend, IommuCaps, Iommufd, Object, Target, Vm, VmId,
-    VmSnapshot, destroy_hwpt, effective_pasid_log2,
+    FaultReason, GroupState, IommuBackend, IommuCaps, Iommufd, MsiWindow, Object, Prot, Target, Vm,
+    VmId, VmSnapshot, destroy_hwpt, effective_pasid_log2,
 };
 
 /// One entry of `DEVICE_LIST`.
@@ -73,11 +74,81 @@ fn check_compatible(v: &Vm, caps: &IommuCaps, has_pasids: bool, h: u32) -> Resul
 
 impl<B: IommuBackend> Iommufd<B> {
     fn reserved_for(&self, device: DeviceId) -> Vec<Span> {
-        let mut spans: Vec<Span> = self.msi_window.into_iter().collect();
+        let mut spans: Vec<Span> = self.msi_window.map(MsiWindow::span).into_iter().collect();
         if let Some(a) = self.assignments.get(&device) {
             spans.extend(a.info.rmrrs.iter().copied());
         }
         spans
+    }
+
+    /// Under a software-managed MSI window, makes `device`'s doorbell page
+    /// reachable through HWPT `h` before the device's RID is attached to it
+    /// (an MSI is then a DMA write the IOMMU translates). Each distinct
+    /// doorbell gets the next page of the window; the window stays reserved
+    /// in the IOAS as long as the HWPT maps any. Returns the IOVA mapped
+    /// now, for [`Self::remove_msi_page`] to undo a failed attach.
+    fn install_msi_doorbell(
+        &mut self,
+        vm: VmId,
+        h: u32,
+        device: DeviceId,
+    ) -> Result<Option<u64>, Error> {
+        let Some(MsiWindow::SoftwareManaged(window)) = self.msi_window else {
+            return Ok(None);
+        };
+        let Some(doorbell) = self.assignment(device)?.msi_doorbell else {
+            return Ok(None);
+        };
+        let Iommufd { backend, vms, .. } = self;
+        let v = vms.get_mut(&vm).ok_or(Error::Invalid("no such VM"))?;
+        let hwpt = v.hwpt(h)?;
+        if hwpt.msi_pages.contains_key(&doorbell) {
+            return Ok(None);
+        }
+        // Pages are only ever dropped with the HWPT: the used ones are the
+        // first `len` of the window.
+        let iova = (hwpt.msi_pages.len() as u64)
+            .checked_mul(PAGE_SIZE)
+            .and_then(|offset| window.0.checked_add(offset))
+            .filter(|&iova| {
+                iova.checked_add(PAGE_SIZE - 1)
+                    .is_some_and(|l| l <= window.1)
+            })
+            .ok_or(Error::NoIovaSpace)?;
+        let (domain, ioas_id) = (hwpt.domain, hwpt.ioas);
+        // Write-only: a device only ever writes its doorbell.
+        let prot = Prot {
+            read: false,
+            write: true,
+            mmio: true,
+        };
+        backend.map(
+            domain,
+            iova,
+            doorbell,
+            PAGE_SIZE,
+            prot,
+            false,
+            &mut v.budget,
+        )?;
+        v.hwpt_mut(h)?.msi_pages.insert(doorbell, iova);
+        v.ioas_mut(ioas_id)?
+            .reserved
+            .insert(ReserveOwner::MsiPages(h), alloc::vec![window]);
+        Ok(Some(iova))
+    }
+
+    /// Undoes [`Self::install_msi_doorbell`]'s page at `iova` in HWPT `h`.
+    fn remove_msi_page(&mut self, vm: VmId, h: u32, iova: u64) {
+        let Iommufd { backend, vms, .. } = self;
+        let Some(v) = vms.get_mut(&vm) else { return };
+        let Ok(hwpt) = v.hwpt_mut(h) else { return };
+        hwpt.msi_pages.retain(|_, &mut i| i != iova);
+        let (domain, ioas_id, empty) = (hwpt.domain, hwpt.ioas, hwpt.msi_pages.is_empty());
+        backend.unmap(domain, iova, PAGE_SIZE, &mut v.budget);
+        if empty && let Ok(ioas) = v.ioas_mut(ioas_id) {
+            ioas.reserved.remove(&ReserveOwner::MsiPages(h));
+        }
     }
 
     /// `DEVICE_LIST`.
@@ -384,8 +455,20 @@ impl<B: IommuBackend> Iommufd<B> {
             let ioas_id = v.hwpt(h)?.ioas;
             v.ioas(ioas_id)?.check_reservable(&ranges)?;
             let domain = v.hwpt(h)?.domain;
-            self.backend
-                .attach(device, pasid, AttachTarget::Domain(domain))?;
+            // MSIs carry no PASID: only the RID needs the doorbell.
+            let msi_page = match pasid {
+                None => self.install_msi_doorbell(vm, h, device)?,
+                Some(_) => None,
+            };
+            if let Err(e) = self
+                .backend
+                .attach(device, pasid, AttachTarget::Domain(domain))
+            {
+                if let Some(iova) = msi_page {
+                    self.remove_msi_page(vm, h, iova);
+                }
+                return Err(e.into());
+            }
             Ok::<u32, Error>(ioas_id)
         })();
         let ioas_id = match result {
@@ -540,11 +623,20 @@ impl<B: IommuBackend> Iommufd<B> {
                 }
             }
         }
+        let mut msi_pages = Vec::new();
         for (n, (_, device, _)) in plan.iter().enumerate() {
-            if let Err(e) = self
-                .backend
-                .attach(*device, pasid, AttachTarget::Domain(new_domain))
-            {
+            let attached = match pasid {
+                None => self
+                    .install_msi_doorbell(vm, new, *device)
+                    .map(|page| msi_pages.extend(page)),
+                Some(_) => Ok(()),
+            }
+            .and_then(|()| {
+                self.backend
+                    .attach(*device, pasid, AttachTarget::Domain(new_domain))
+                    .map_err(Error::from)
+            });
+            if let Err(e) = attached {
                 for (_, back, _) in &plan[..n] {
                     if let Err(e2) =
                         self.backend
@@ -559,10 +651,13 @@ impl<B: IommuBackend> Iommufd<B> {
                         let _ = self.backend.attach(*back, pasid, AttachTarget::Blocking);
                     }
                 }
+                for &iova in &msi_pages {
+                    self.remove_msi_page(vm, new, iova);
+                }
                 if created {
                     self.drop_auto_if_unused(vm, new);
                 }
-                return Err(e.into());
+                return Err(e);
             }
         }
         let Iommufd { backend, vms, .. } = self;
@@ -775,6 +870,7 @@ impl<B: IommuBackend> Iommufd<B> {
                     enforce_coherency: h.config.enforce_coherency,
                     pasid_compatible: h.config.pasid_compatible,
                     domain: h.domain,
+                    msi_pages: h.msi_pages.iter().map(|(&d, &i)| (i, d)).collect(),
                 }),
                 Object::Device(d) => s.devices.push(DeviceSnapshot {
                     id,

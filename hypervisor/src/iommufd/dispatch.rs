@@ -117,6 +117,7 @@ fn map_prot(flags: u32) -> Prot {
     Prot {
         read: flags & map_flags::READABLE != 0,
         write: flags & map_flags::WRITEABLE != 0,
+        mmio: false,
     }
 }
 

@@ -35,6 +35,9 @@ pub enum ReserveOwner {
     Hwpt(u32),
     /// MSI window and RMRRs of an attached device (or of a PASID attachment).
     Device { dev_id: u32, pasid: Option<u32> },
+    /// The software-managed MSI window of a HWPT with doorbell pages mapped
+    /// in it: kept while the pages are, after every device detached.
+    MsiPages(u32),
 }
 
 #[derive(Debug, Default)]

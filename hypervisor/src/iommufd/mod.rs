@@ -31,6 +31,7 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 use sluice_abi::errno;
+use sluice_hal::{PAGE_SIZE, PhysAddr};
 
 pub use backend::{
     AttachTarget, BackendError, DeviceId, DmaFault, DomainConfig, DomainId, FaultReason,
@@ -43,6 +44,36 @@ pub use vtd_backend::{RegisterError, VtdBackend, VtdDevice};
 /// The x86 MSI address window (Intel SDM vol. 3, "Message Address Register
 /// Format"): DMA writes there are interrupt requests, never memory.
 pub const X86_MSI_WINDOW: Span = (0xfee0_0000, 0xfeef_ffff);
+
+/// The IOVA window Sluice keeps for MSI doorbells on Arm: 1 MiB at 128 MiB,
+/// the software-managed MSI region Linux's SMMUv3 driver reports
+/// (`IOMMU_RESV_SW_MSI`), so IOVA layouts that work on Linux iommufd work
+/// here.
+pub const ARM_SW_MSI_WINDOW: Span = (0x0800_0000, 0x080f_ffff);
+
+/// Where a device's MSIs go in its IOVA space, reserved in every IOAS the
+/// device attaches to (iommufd reports it as a reserved range and refuses
+/// mappings there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsiWindow {
+    /// Writes to the window are interrupt requests the IOMMU never
+    /// translates (x86: [`X86_MSI_WINDOW`]).
+    Bypass(Span),
+    /// The IOMMU translates MSI writes like any DMA (Arm: SMMU, GIC ITS):
+    /// Sluice maps each attached device's doorbell page
+    /// ([`AssignedDevice::msi_doorbell`]) into the window of the HWPT's
+    /// domain, one page per distinct doorbell, write-only with device
+    /// memory attributes, until the HWPT is destroyed.
+    SoftwareManaged(Span),
+}
+
+impl MsiWindow {
+    pub const fn span(self) -> Span {
+        match self {
+            Self::Bypass(s) | Self::SoftwareManaged(s) => s,
+        }
+    }
+}
 
 /// Fault records a queue holds before it counts overflows.
 pub const FAULT_QUEUE_CAPACITY: usize = 64;
@@ -203,6 +234,10 @@ pub struct AssignedDevice {
     pub flr: bool,
     /// PASID bits of the device's PASID capability (0: none).
     pub pasid_log2: u8,
+    /// The page of the MSI doorbell the device's interrupts are writes to
+    /// (Arm: the GITS_TRANSLATER page of the ITS the IORT names), mapped
+    /// into its HWPTs under a [`MsiWindow::SoftwareManaged`] window.
+    pub msi_doorbell: Option<PhysAddr>,
 }
 
 #[derive(Debug)]
@@ -215,6 +250,9 @@ struct Hwpt {
     fault: Option<u32>,
     /// RID and PASID attachments.
     users: u32,
+    /// Doorbell page → the IOVA in the software-managed MSI window it is
+    /// mapped at in `domain`.
+    msi_pages: BTreeMap<PhysAddr, u64>,
 }
 
 #[derive(Debug)]
@@ -268,7 +306,7 @@ struct Assignment {
 /// device assignments and the IOMMU backend.
 pub struct Iommufd<B: IommuBackend> {
     backend: B,
-    msi_window: Option<Span>,
+    msi_window: Option<MsiWindow>,
     vms: BTreeMap<VmId, Vm>,
     assignments: BTreeMap<DeviceId, Assignment>,
     /// Devices the host keeps (not assigned to any VM), by IOMMU group: a
@@ -304,7 +342,7 @@ pub struct IoasSnapshot {
     pub large_pages: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HwptSnapshot {
     pub id: u32,
     pub ioas: u32,
@@ -313,6 +351,8 @@ pub struct HwptSnapshot {
     pub enforce_coherency: bool,
     pub pasid_compatible: bool,
     pub domain: DomainId,
+    /// (IOVA, doorbell page) of every MSI doorbell mapped in the domain.
+    pub msi_pages: Vec<(u64, PhysAddr)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -473,8 +513,9 @@ enum Target {
 
 impl<B: IommuBackend> Iommufd<B> {
     /// An object model using `backend`; `msi_window` is reserved in every
-    /// IOAS a device attaches to (x86: [`X86_MSI_WINDOW`]).
-    pub fn new(backend: B, msi_window: Option<Span>) -> Self {
+    /// IOAS a device attaches to (x86: `MsiWindow::Bypass(X86_MSI_WINDOW)`,
+    /// Arm: `MsiWindow::SoftwareManaged(ARM_SW_MSI_WINDOW)`).
+    pub fn new(backend: B, msi_window: Option<MsiWindow>) -> Self {
         Self {
             backend,
             msi_window,
@@ -564,6 +605,9 @@ impl<B: IommuBackend> Iommufd<B> {
                 info.device.0
             );
             return Err(Error::Invalid("RMRR with start > last"));
+        }
+        if info.msi_doorbell.is_some_and(|d| !d.is_page_aligned()) {
+            return Err(Error::Invalid("MSI doorbell page not page-aligned"));
         }
         if self
             .assignments
@@ -965,6 +1009,7 @@ impl<B: IommuBackend> Iommufd<B> {
             unit: caps.unit,
             fault,
             users: 0,
+            msi_pages: BTreeMap::new(),
         }));
         if let Some(f) = fault
             && let Ok(q) = v.fault_mut(f)
@@ -995,6 +1040,10 @@ fn destroy_hwpt<B: IommuBackend>(backend: &mut B, v: &mut Vm, id: u32) {
         }
         ioas.hwpts.remove(&id);
         ioas.reserved.remove(&ReserveOwner::Hwpt(id));
+        ioas.reserved.remove(&ReserveOwner::MsiPages(id));
+    }
+    for &iova in h.msi_pages.values() {
+        backend.unmap(h.domain, iova, PAGE_SIZE, &mut v.budget);
     }
     backend.domain_free(h.domain, &mut v.budget);
     if let Some(f) = h.fault

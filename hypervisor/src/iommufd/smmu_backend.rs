@@ -61,8 +61,8 @@ use core::fmt;
 use sluice_hal::PhysAddr;
 use sluice_iommu::pagetable::MapPerms;
 use sluice_iommu::smmuv3::{
-    Access, EventKind, SmmuDomainConfig, SmmuDomainId, SmmuError, SmmuFault, SmmuUnit, Stage,
-    StageRequest,
+    Access, EventKind, MemoryKind, SmmuDomainConfig, SmmuDomainId, SmmuError, SmmuFault, SmmuUnit,
+    Stage, StageRequest,
 };
 
 use super::backend::FunctionReset;
@@ -661,7 +661,7 @@ impl<'a> SmmuBackend<'a> {
         iova: u64,
         phys: PhysAddr,
         length: u64,
-        perms: MapPerms,
+        (perms, memory): (MapPerms, MemoryKind),
         large_pages: bool,
     ) -> Result<(), SmmuError> {
         // Without large pages, map in pieces no block fits in: a piece of
@@ -674,10 +674,14 @@ impl<'a> SmmuBackend<'a> {
             let u = &mut self.units[unit as usize];
             // A map changes no cached state (Arm TLBs never hold
             // translation faults): a failure leaves this piece unmapped.
-            if let Err(e) = u
-                .unit
-                .map(smmu, at, PhysAddr::new(phys.as_u64() + done), n, perms)
-            {
+            if let Err(e) = u.unit.map_memory(
+                smmu,
+                at,
+                PhysAddr::new(phys.as_u64() + done),
+                n,
+                perms,
+                memory,
+            ) {
                 if done > 0 {
                     self.unmap_range(unit, smmu, iova, done);
                 }
@@ -830,7 +834,19 @@ impl IommuBackend for SmmuBackend<'_> {
             .is_ok_and(|i| i.stage == Stage::Stage1);
         let read = prot.read || (stage1 && prot.write);
         let perms = MapPerms::new(read, prot.write, false);
-        if let Err(e) = self.map_inner((unit, smmu), iova, phys, length, perms, large_pages) {
+        let memory = if prot.mmio {
+            MemoryKind::Device
+        } else {
+            MemoryKind::Normal
+        };
+        if let Err(e) = self.map_inner(
+            (unit, smmu),
+            iova,
+            phys,
+            length,
+            (perms, memory),
+            large_pages,
+        ) {
             // Tables the failed map allocated were freed with its undo.
             let _ = self.settle_pages(domain, budget);
             return Err(backend_error(e));

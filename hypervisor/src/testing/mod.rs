@@ -294,9 +294,9 @@ impl TestIommu for Box<dyn TestIommu> {
 }
 
 use crate::iommufd::{
-    AssignedDevice, AttachTarget, BackendError, DeviceId, DmaFault, DomainConfig, DomainId,
-    FaultReason, GuestMemory, GuestMemoryError, IommuBackend, IommuCaps, Iommufd, PageBudget, Prot,
-    VmConfig, VmId, X86_MSI_WINDOW,
+    ARM_SW_MSI_WINDOW, AssignedDevice, AttachTarget, BackendError, DeviceId, DmaFault,
+    DomainConfig, DomainId, FaultReason, GuestMemory, GuestMemoryError, IommuBackend, IommuCaps,
+    Iommufd, MsiWindow, PageBudget, Prot, VmConfig, VmId, X86_MSI_WINDOW,
 };
 
 /// Bytes at the top of a VM's first RAM range the harness uses for
@@ -418,6 +418,7 @@ pub struct DeviceSetup {
     no_snoop: bool,
     flr: bool,
     pasid_log2: u8,
+    msi_doorbell: Option<PhysAddr>,
 }
 
 impl DeviceSetup {
@@ -443,6 +444,7 @@ impl DeviceSetup {
             no_snoop: true,
             flr: true,
             pasid_log2: 0,
+            msi_doorbell: None,
         }
     }
     pub fn group(mut self, group: u32) -> Self {
@@ -489,6 +491,12 @@ impl DeviceSetup {
         self.caps.page_sizes = bitmap;
         self
     }
+    /// The device's MSIs are writes to the doorbell page `page` (see
+    /// [`PlatformBuilder::software_msi_window`]).
+    pub fn msi_doorbell(mut self, page: u64) -> Self {
+        self.msi_doorbell = Some(PhysAddr::new(page));
+        self
+    }
 }
 
 #[derive(Default)]
@@ -497,6 +505,7 @@ pub struct PlatformBuilder {
     devices: Vec<DeviceSetup>,
     host_devices: Vec<u32>,
     no_msi_window: bool,
+    software_msi_window: bool,
 }
 
 impl PlatformBuilder {
@@ -516,6 +525,12 @@ impl PlatformBuilder {
     /// No MSI window (as on an SMMU without a software MSI region).
     pub fn without_msi_window(mut self) -> Self {
         self.no_msi_window = true;
+        self
+    }
+    /// Arm's software-managed MSI window ([`ARM_SW_MSI_WINDOW`]) instead
+    /// of the x86 one: doorbells are mapped into the HWPTs.
+    pub fn software_msi_window(mut self) -> Self {
+        self.software_msi_window = true;
         self
     }
 
@@ -564,8 +579,10 @@ impl PlatformBuilder {
         }
         let msi = if self.no_msi_window {
             None
+        } else if self.software_msi_window {
+            Some(MsiWindow::SoftwareManaged(ARM_SW_MSI_WINDOW))
         } else {
-            Some(X86_MSI_WINDOW)
+            Some(MsiWindow::Bypass(X86_MSI_WINDOW))
         };
         let mut iommufd = Iommufd::new(mock, msi);
         for (n, &group) in self.host_devices.iter().enumerate() {
@@ -604,6 +621,7 @@ impl PlatformBuilder {
                         no_snoop: d.no_snoop,
                         flr: d.flr,
                         pasid_log2: d.pasid_log2,
+                        msi_doorbell: d.msi_doorbell,
                     },
                 )
                 .expect("device assignment is consistent");

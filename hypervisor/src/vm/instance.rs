@@ -34,6 +34,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+use sluice_hal::PhysAddr;
 use sluice_pci::{ConfigSpace, PciAddress, Topology};
 
 use crate::iommufd::ioas::Span;
@@ -350,6 +351,9 @@ pub const fn device_id(address: PciAddress) -> DeviceId {
 pub struct DeviceFacts {
     /// RMRR ranges firmware declared for the device.
     pub rmrrs: Vec<Span>,
+    /// The page of the MSI doorbell its interrupts are writes to (Arm: its
+    /// ITS's GITS_TRANSLATER page, from the IORT).
+    pub msi_doorbell: Option<PhysAddr>,
 }
 
 /// Declares `vm` and its devices to the object model (step 5). The
@@ -369,11 +373,13 @@ pub fn register_with_iommufd<B: IommuBackend, S: FrameSource, C: ConfigSpace>(
         .map_err(BuildError::Iommufd)?;
     for d in &vm.devices {
         let function = topologies.iter().find_map(|t| t.get(d.host));
+        let facts = facts(d.host);
         let info = AssignedDevice {
             device: device_id(d.host),
             guest_bdf: d.guest_abi_bdf(),
             group: d.group,
-            rmrrs: facts(d.host).rmrrs,
+            rmrrs: facts.rmrrs,
+            msi_doorbell: facts.msi_doorbell,
             no_snoop: function.is_some_and(|f| f.caps.pcie.is_some()),
             flr: function.is_some_and(|f| f.caps.flr()),
             pasid_log2: function

@@ -64,6 +64,6 @@ pub use caps::{IdrBuilder, SmmuCapabilities};
 pub use error::{CommandErrorKind, SmmuError, Stage};
 pub use events::{Access, EventKind, EventRecord, FaultClass, SmmuFault};
 pub use unit::{
-    AttributedFault, EventDrain, SmmuConfig, SmmuDomainConfig, SmmuDomainId, SmmuDomainInfo,
-    SmmuDomainShape, SmmuUnit, StageRequest, StreamTableLayout, StreamTableRequest,
+    AttributedFault, EventDrain, MemoryKind, SmmuConfig, SmmuDomainConfig, SmmuDomainId,
+    SmmuDomainInfo, SmmuDomainShape, SmmuUnit, StageRequest, StreamTableLayout, StreamTableRequest,
 };

@@ -271,6 +271,17 @@ impl Stream {
     }
 }
 
+/// What a mapping's target is, for its memory attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryKind {
+    /// RAM: Normal, write-back cacheable, inner shareable.
+    #[default]
+    Normal,
+    /// Device registers: Device-nGnRE (stage-1 MAIR index
+    /// [`mair::INDEX_DEVICE`]).
+    Device,
+}
+
 /// One SMMUv3 under Sluice's control.
 pub struct SmmuUnit<'a> {
     mmio: &'a dyn Mmio,
@@ -1301,6 +1312,21 @@ impl<'a> SmmuUnit<'a> {
         len: u64,
         perms: MapPerms,
     ) -> Result<(), SmmuError> {
+        self.map_memory(id, iova, phys, len, perms, MemoryKind::Normal)
+    }
+
+    /// [`Self::map`] with the memory type of the target: RAM, or device
+    /// registers (an MSI doorbell), which must not be reached with
+    /// cacheable attributes.
+    pub fn map_memory(
+        &mut self,
+        id: SmmuDomainId,
+        iova: u64,
+        phys: PhysAddr,
+        len: u64,
+        perms: MapPerms,
+        memory: MemoryKind,
+    ) -> Result<(), SmmuError> {
         let d = self
             .domains
             .get_mut(&id.0)
@@ -1308,7 +1334,10 @@ impl<'a> SmmuUnit<'a> {
         let inv = match &mut d.table {
             DomainTable::S1(t) => {
                 let attrs = ArmS1Attrs {
-                    attr_index: mair::INDEX_NORMAL,
+                    attr_index: match memory {
+                        MemoryKind::Normal => mair::INDEX_NORMAL,
+                        MemoryKind::Device => mair::INDEX_DEVICE,
+                    },
                     shareability: Shareability::InnerShareable,
                     // Device traffic is unprivileged (no PASID privilege).
                     user: true,
@@ -1319,8 +1348,13 @@ impl<'a> SmmuUnit<'a> {
             }
             DomainTable::S2(t) => {
                 let attrs = ArmS2Attrs {
-                    // Normal, inner and outer write-back.
-                    mem_attr: 0b1111,
+                    // Stage-2 MemAttr (Arm ARM D8.5.5, FWB = 0): 0b1111
+                    // Normal inner and outer write-back, 0b0001
+                    // Device-nGnRE.
+                    mem_attr: match memory {
+                        MemoryKind::Normal => 0b1111,
+                        MemoryKind::Device => 0b0001,
+                    },
                     shareability: Shareability::InnerShareable,
                 };
                 t.map(iova, phys, len, perms, attrs)?

@@ -259,6 +259,9 @@ pub struct Leaf {
     pub write: bool,
     /// Unprivileged access allowed (stage 1 `AP[1]`; always for stage 2).
     pub user: bool,
+    /// Memory attributes as the descriptor holds them: stage 1 AttrIndx
+    /// (bits 4:2, an index into the CD's MAIR), stage 2 MemAttr (bits 5:2).
+    pub memory_attr: u8,
     /// Tables visited, (level, address), root first (levels counted from
     /// the leaf up: 0 holds 4 KiB pages).
     pub tables: Vec<(u8, u64)>,
@@ -704,6 +707,7 @@ pub fn walk_stage1(
             read: true,
             write,
             user,
+            memory_attr: bits(raw, 4, 2) as u8,
             tables,
         });
     }
@@ -791,6 +795,7 @@ pub fn walk_stage2(
             read: bit(raw, 6),
             write: bit(raw, 7),
             user: true,
+            memory_attr: bits(raw, 5, 2) as u8,
             tables,
         });
     }

@@ -148,6 +148,64 @@ fn stage2_translation_and_refusal_without_stage2() {
     assert!(model.violations().is_empty(), "{:?}", model.violations());
 }
 
+/// A doorbell mapped as device memory gets Device-nGnRE attributes, RAM
+/// stays Normal write-back: stage 1 through the CD's MAIR index, stage 2
+/// through MemAttr.
+#[test]
+fn device_memory_mappings_get_device_attributes() {
+    use crate::smmuv3::MemoryKind;
+    use crate::smmuv3::structs::mair;
+    let mem = ModelMemory::new();
+    let clock = clock();
+    let model = SmmuModel::new(&mem, both_stages());
+    let mut unit = init(&model, &mem, &clock);
+    let walk = |sid, iova| {
+        walker::translate(
+            &MemFetch(&mem),
+            &model.walker_config(),
+            &model.stream_table(),
+            &write(sid, iova),
+        )
+        .unwrap()
+    };
+    let s1 = unit.alloc_domain(SmmuDomainConfig::any()).unwrap();
+    let s2 = unit.alloc_domain(SmmuDomainConfig::stage2()).unwrap();
+    for dom in [s1, s2] {
+        unit.map(
+            dom,
+            0x10_0000,
+            phys(0x4000_0000),
+            0x1000,
+            MapPerms::READ_WRITE,
+        )
+        .unwrap();
+        unit.map_memory(
+            dom,
+            0x800_0000,
+            phys(0x809_0000),
+            0x1000,
+            MapPerms::READ_WRITE,
+            MemoryKind::Device,
+        )
+        .unwrap();
+    }
+    unit.attach_stream(SID_A, s1).unwrap();
+    unit.attach_stream(SID_B, s2).unwrap();
+    let ram = walk(SID_A, 0x10_0000);
+    let doorbell = walk(SID_A, 0x800_0040);
+    assert_eq!(doorbell.phys, 0x809_0040);
+    assert_eq!(ram.s1.unwrap().memory_attr, mair::INDEX_NORMAL);
+    assert_eq!(doorbell.s1.unwrap().memory_attr, mair::INDEX_DEVICE);
+    // The index selects Device-nGnRE in the MAIR Sluice programs.
+    assert_eq!((mair::VALUE >> (8 * mair::INDEX_DEVICE)) & 0xff, 0x04);
+    let ram = walk(SID_B, 0x10_0000);
+    let doorbell = walk(SID_B, 0x800_0040);
+    assert_eq!(doorbell.phys, 0x809_0040);
+    assert_eq!(ram.s2.unwrap().memory_attr, 0b1111, "Normal write-back");
+    assert_eq!(doorbell.s2.unwrap().memory_attr, 0b0001, "Device-nGnRE");
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
 #[test]
 fn unmap_invalidates_by_range_and_frees_tables_after_sync() {
     let mem = ModelMemory::new();
