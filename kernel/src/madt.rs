@@ -31,6 +31,7 @@ pub mod layout {
         pub const GICC: u8 = 0x0b;
         pub const GICD: u8 = 0x0c;
         pub const GICR: u8 = 0x0e;
+        pub const GIC_ITS: u8 = 0x0f;
     }
     /// Processor Local APIC (§5.2.12.2).
     pub mod local_apic {
@@ -81,6 +82,13 @@ pub mod layout {
         pub const LENGTH: usize = 12;
         pub const LEN: usize = 16;
         const _: () = assert!(LENGTH + 4 == LEN);
+    }
+    /// GIC Interrupt Translation Service (§5.2.12.18).
+    pub mod gic_its {
+        pub const ITS_ID: usize = 4;
+        pub const PHYSICAL_BASE: usize = 8;
+        pub const LEN: usize = 20;
+        const _: () = assert!(PHYSICAL_BASE + 8 + 4 == LEN);
     }
 }
 
@@ -245,6 +253,14 @@ pub struct Gicr {
     pub length: u32,
 }
 
+/// A GIC ITS: the ID the IORT's ITS groups name it by and its 128 KiB
+/// register frames (control, then translation with GITS_TRANSLATER).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GicIts {
+    pub its_id: u32,
+    pub physical_base: u64,
+}
+
 /// One interrupt controller structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entry<'a> {
@@ -253,7 +269,8 @@ pub enum Entry<'a> {
     Gicc(Gicc),
     Gicd(Gicd),
     Gicr(Gicr),
-    /// A structure Sluice does not decode (I/O APIC, overrides, NMIs, ITS…).
+    GicIts(GicIts),
+    /// A structure Sluice does not decode (I/O APIC, overrides, NMIs, …).
     Other {
         kind: u8,
         bytes: &'a [u8],
@@ -371,6 +388,13 @@ impl<'a> Madt<'a> {
             _ => None,
         })
     }
+
+    pub fn gic_its(&self) -> impl Iterator<Item = GicIts> + 'a {
+        self.entries().filter_map(|e| match e {
+            Ok(Entry::GicIts(g)) => Some(g),
+            _ => None,
+        })
+    }
 }
 
 /// Iterator over a MADT's structures.
@@ -409,6 +433,7 @@ fn decode(table: &[u8], offset: usize) -> Result<(Entry<'_>, usize), MadtError> 
         layout::kind::GICC => layout::gicc::LEN,
         layout::kind::GICD => layout::gicd::LEN,
         layout::kind::GICR => layout::gicr::LEN,
+        layout::kind::GIC_ITS => layout::gic_its::LEN,
         _ => 2,
     };
     if usize::from(length) < minimum {
@@ -493,6 +518,13 @@ fn decode(table: &[u8], offset: usize) -> Result<(Entry<'_>, usize), MadtError> 
             Entry::Gicr(Gicr {
                 base: u64_at(l::BASE),
                 length: u32_at(l::LENGTH),
+            })
+        }
+        layout::kind::GIC_ITS => {
+            use layout::gic_its as l;
+            Entry::GicIts(GicIts {
+                its_id: u32_at(l::ITS_ID),
+                physical_base: u64_at(l::PHYSICAL_BASE),
             })
         }
         _ => Entry::Other { kind, bytes },
@@ -609,6 +641,13 @@ mod tests {
         let mut gicr = vec![0x0eu8, 16, 0, 0];
         gicr.extend_from_slice(&0x080a_0000u64.to_le_bytes());
         gicr.extend_from_slice(&0xf6_0000u32.to_le_bytes());
+        let its = |id: u32, base: u64| {
+            let mut its = vec![0x0fu8, 20, 0, 0];
+            its.extend_from_slice(&id.to_le_bytes());
+            its.extend_from_slice(&base.to_le_bytes());
+            its.extend_from_slice(&0u32.to_le_bytes());
+            its
+        };
         let t = table(&[
             &gicc(0, FLAG_ENABLED, 0, 0, 80),
             // ACPI 6.5 GICCs are 82 bytes; the extra bytes are skipped.
@@ -616,6 +655,8 @@ mod tests {
             &gicc(2, GICC_FLAG_ONLINE_CAPABLE, 0x2, 0, 80),
             &gicd,
             &gicr,
+            &its(0, 0x0808_0000),
+            &its(7, 0x1_0000_0000),
         ]);
         let madt = Madt::parse(&t).unwrap();
         let g: Vec<Gicc> = madt.gicc().collect();
@@ -638,8 +679,31 @@ mod tests {
                 length: 0xf6_0000
             }]
         );
+        assert_eq!(
+            madt.gic_its().collect::<Vec<_>>(),
+            [
+                GicIts {
+                    its_id: 0,
+                    physical_base: 0x0808_0000
+                },
+                GicIts {
+                    its_id: 7,
+                    physical_base: 0x1_0000_0000
+                }
+            ]
+        );
         let p = madt.processors().unwrap();
         assert_eq!(p.iter().filter(|p| p.enabled).count(), 2);
+        // An ITS structure shorter than ACPI's 20 bytes is refused.
+        let t = table(&[&[0x0fu8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]);
+        assert!(matches!(
+            Madt::parse(&t),
+            Err(MadtError::StructureTooShort {
+                kind: 0x0f,
+                minimum: 20,
+                ..
+            })
+        ));
     }
 
     #[test]

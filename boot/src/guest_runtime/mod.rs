@@ -21,7 +21,7 @@ pub mod verdict;
 extern crate alloc;
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeSet;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -329,6 +329,18 @@ pub struct Machine<B: IommuBackend + 'static> {
     pub vms: Vec<ValidVm>,
     /// What every VM is declared to the object model with.
     pub vm_config: VmConfig,
+    /// Each function's MSI doorbell page (Arm: its ITS's GITS_TRANSLATER
+    /// page), for functions whose MSIs Sluice routes through a doorbell it
+    /// owns.
+    pub msi_doorbells: BTreeMap<PciAddress, PhysAddr>,
+}
+
+/// Where devices' MSIs go, as the object model needs it.
+#[derive(Debug, Clone, Default)]
+pub struct MsiRouting {
+    pub window: Option<MsiWindow>,
+    /// See [`Machine::msi_doorbells`].
+    pub doorbells: BTreeMap<PciAddress, PhysAddr>,
 }
 
 impl<B: IommuBackend + 'static> Machine<B> {
@@ -343,7 +355,7 @@ impl<B: IommuBackend + 'static> Machine<B> {
         map: &IommuMap,
         backend: B,
         registered: &BTreeSet<PciAddress>,
-        msi_window: Option<MsiWindow>,
+        msi: MsiRouting,
         vm_config: VmConfig,
     ) -> Result<Self, String> {
         let mut associations = map.per_segment.clone();
@@ -353,7 +365,7 @@ impl<B: IommuBackend + 'static> Machine<B> {
             }
         }
         let vms = configured_vms(platform, &pci.segments, &associations)?;
-        let mut iommufd = Iommufd::new(backend, msi_window);
+        let mut iommufd = Iommufd::new(backend, msi.window);
         let assigned: BTreeSet<PciAddress> = vms
             .iter()
             .flat_map(|vm| vm.devices.iter().map(|d| d.host))
@@ -371,6 +383,7 @@ impl<B: IommuBackend + 'static> Machine<B> {
             iommufd: Box::leak(Box::new(Mutex::new(iommufd))),
             vms,
             vm_config,
+            msi_doorbells: msi.doorbells,
         })
     }
 }
@@ -395,7 +408,10 @@ fn build_and_register<A: ArchRuntime, B: IommuBackend + 'static>(
         &vm,
         machine.vm_config,
         &machine.pci.segments,
-        &|_| DeviceFacts::default(),
+        &|addr| DeviceFacts {
+            msi_doorbell: machine.msi_doorbells.get(&addr).copied(),
+            ..DeviceFacts::default()
+        },
     );
     if let Err(e) = registered {
         vm.destroy();

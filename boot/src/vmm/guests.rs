@@ -5,7 +5,7 @@
 extern crate alloc;
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeSet;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -15,7 +15,7 @@ use sluice_hypervisor::vm::instance::device_id;
 use sluice_kernel::platform::Platform;
 use sluice_pci::PciAddress;
 
-use crate::guest_runtime::{EcamReset, Machine};
+use crate::guest_runtime::{EcamReset, Machine, MsiRouting};
 use crate::iommu_owner::OwnedIommus;
 use crate::pci::{IommuMap, Pci};
 
@@ -94,7 +94,10 @@ pub fn prepare(platform: &'static Platform) -> Result<VtdMachine, String> {
         &map,
         backend,
         &registered,
-        Some(MsiWindow::Bypass(X86_MSI_WINDOW)),
+        MsiRouting {
+            window: Some(MsiWindow::Bypass(X86_MSI_WINDOW)),
+            doorbells: BTreeMap::new(),
+        },
         VmConfig::default(),
     )
 }

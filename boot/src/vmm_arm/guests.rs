@@ -5,18 +5,18 @@
 extern crate alloc;
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeSet;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use log::warn;
-use sluice_hypervisor::iommufd::VmConfig;
 use sluice_hypervisor::iommufd::smmu_backend::{SmmuBackend, SmmuDevice};
+use sluice_hypervisor::iommufd::{ARM_SW_MSI_WINDOW, MsiWindow, VmConfig};
 use sluice_hypervisor::vm::instance::device_id;
 use sluice_kernel::platform::Platform;
 use sluice_pci::PciAddress;
 
-use crate::guest_runtime::{EcamReset, Machine};
+use crate::guest_runtime::{EcamReset, Machine, MsiRouting};
 use crate::pci::Pci;
 use crate::smmu_owner::OwnedSmmus;
 
@@ -88,7 +88,12 @@ pub fn prepare(platform: &'static Platform, vm_config: VmConfig) -> Result<SmmuM
     let map = crate::pci::associate(acpi, pci)?;
     let owned = crate::smmu_owner::take_ownership(platform, &map)?;
     let (backend, registered) = smmu_backend(owned, pci);
-    // No MSI window: on Arm an MSI is a write the SMMU translates like any
-    // other (to the ITS doorbell), not an address range the IOMMU skips.
-    Machine::new(platform, pci, &map, backend, &registered, None, vm_config)
+    // On Arm an MSI is a write the SMMU translates like any other, to the
+    // ITS doorbell: the software-managed window is reserved for the
+    // doorbell pages the object model maps.
+    let msi = MsiRouting {
+        window: Some(MsiWindow::SoftwareManaged(ARM_SW_MSI_WINDOW)),
+        doorbells: BTreeMap::new(),
+    };
+    Machine::new(platform, pci, &map, backend, &registered, msi, vm_config)
 }

@@ -98,6 +98,10 @@ pub struct DeviceAssociation {
     pub stream_id: Option<u32>,
     /// ITS DeviceID of the function's MSIs (IORT only).
     pub its_device_id: Option<u32>,
+    /// The ITS the function's MSIs go to: the first ITS of the IORT ITS
+    /// group its IDs reach (the group's ITSes all accept them; DEN0049
+    /// §3.1.1.5), by the GIC ITS ID the MADT describes it with.
+    pub its_id: Option<u32>,
     pub group: u32,
     pub assignable: bool,
     /// The function has an ATS capability and the platform allows ATS for
@@ -182,6 +186,7 @@ impl Association {
                     alias,
                     stream_id: None,
                     its_device_id: None,
+                    its_id: None,
                     group: groups.group_of.get(index).copied().unwrap_or(0),
                     assignable: false,
                     ats_permitted: false,
@@ -436,6 +441,12 @@ pub fn associate_iort(iort: &Iort, topo: &Topology) -> Association {
                     d.stream_id = Some(sid);
                 }
                 d.its_device_id = t.its.map(|(_, id)| id);
+                d.its_id = t
+                    .its
+                    .and_then(|(node, _)| match &iort.nodes.get(node)?.kind {
+                        NodeKind::ItsGroup { its_ids } => its_ids.first().copied(),
+                        _ => None,
+                    });
             }
             Err(error) => a.errors.push(AssociationError::Iort {
                 device: d.addr,

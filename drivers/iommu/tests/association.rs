@@ -352,6 +352,7 @@ fn iort_maps_rids_to_stream_ids_on_the_smmu() {
         assert_eq!(d.unit, Some(UnitId::Smmu(0)));
         assert_eq!(d.stream_id, Some(u32::from(d.addr.bdf.requester_id())));
         assert_eq!(d.its_device_id, d.stream_id);
+        assert_eq!(d.its_id, Some(0), "the first ITS of the group");
     }
     let lines = iort_log_lines(&table, &topo, &a);
     assert_eq!(
