@@ -5,7 +5,9 @@
 pub fn describe(step: &str) -> Option<&'static str> {
     Some(match step {
         "start-info" => "reads the start-info block Sluice wrote into its RAM",
-        "hypervisor" => "finds Sluice through CPUID and checks the hypercall ABI version",
+        "hypervisor" => {
+            "detects Sluice (CPUID on x86, a hypercall on Arm) and checks the hypercall ABI version"
+        }
         "find-edu" => "finds its edu device on its emulated PCI bus (ECAM accesses trap to Sluice)",
         "busmaster-before-bind" => {
             "tries to enable bus mastering before binding: Sluice keeps it off"
@@ -22,7 +24,7 @@ pub fn describe(step: &str) -> Option<&'static str> {
         "hwpt-attach" => "attaches its edu to a page table (HWPT) built from the IOAS",
         "dma-both-ways" => "edu DMAs RAM -> device -> RAM through the IOMMU; bytes checked",
         "fault-unmapped-iova" => {
-            "edu writes to an unmapped IOVA: VT-d blocks it, the fault arrives in the guest's queue"
+            "edu writes to an unmapped IOVA: the IOMMU blocks it, the fault arrives in the guest's queue"
         }
         "fault-unmapped-read" => "edu reads from an unmapped IOVA: blocked, fault recorded",
         "ioas-unmap" => "unmaps the buffer (IOAS_UNMAP): Sluice invalidates the IOTLB",
@@ -37,7 +39,7 @@ pub fn describe(step: &str) -> Option<&'static str> {
         "dma-after-unbind" => "DMA after unbind is blocked; nothing written",
         "victim-kept" => "the victim page still holds its pattern",
         "dma-own-buffer" => "DMA into its own buffer works",
-        "write-victim-iova" => "edu writes to the victim's IOVA: VT-d blocks it",
+        "write-victim-iova" => "edu writes to the victim's IOVA: the IOMMU blocks it",
         "write-victim-gpa" => "edu writes to the victim's guest-physical address: blocked",
         "read-victim-iova" => "edu reads the victim's IOVA: blocked",
         "read-victim-gpa" => "edu reads the victim's guest-physical address: blocked",

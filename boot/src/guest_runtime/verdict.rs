@@ -17,6 +17,13 @@ use sluice_kernel::println;
 
 use super::{ArchRuntime, Machine, RanVm, finish, run_all};
 
+/// What translates a guest's physical addresses, for the narration.
+const GUEST_PAGE_TABLES: &str = if cfg!(target_arch = "x86_64") {
+    "nested (NPT) page tables"
+} else {
+    "stage-2 page tables"
+};
+
 /// The test guest's addresses and patterns, shared with it.
 #[allow(dead_code)]
 #[path = "../../../qemu-tests/guests/test-guest/src/layout.rs"]
@@ -185,9 +192,10 @@ pub fn demo<A: ArchRuntime, B: IommuBackend + 'static>(
             })
             .collect();
         println!(
-            "  VM {}: {} MiB of scrubbed RAM behind nested page tables, guest `{}` ({}), devices: {}",
+            "  VM {}: {} MiB of scrubbed RAM behind {}, guest `{}` ({}), devices: {}",
             vm.config.name,
             vm.config.memory >> 20,
+            GUEST_PAGE_TABLES,
             vm.config.image,
             vm.config.args,
             devices.join(", ")
