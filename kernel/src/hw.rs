@@ -118,4 +118,23 @@ impl DmaMemory for FrameDmaMemory<'_> {
     fn flush_for_device(&self, addr: PhysAddr, len: u64) {
         crate::arch::clean_dcache_range(addr.as_u64(), len);
     }
+
+    fn alloc_contiguous(&self, pages: u64, align: u64) -> Result<PhysAddr, DmaAllocError> {
+        let bytes = pages.checked_mul(PAGE_SIZE).ok_or(DmaAllocError)?;
+        let start = self
+            .frames
+            .lock()
+            .allocate(pages, align.max(PAGE_SIZE))
+            .map_err(|_| DmaAllocError)?;
+        // SAFETY: the frames are ours now and identity-mapped; `bytes` is
+        // exactly what was allocated.
+        unsafe { core::ptr::write_bytes(start as *mut u8, 0, bytes as usize) };
+        Ok(PhysAddr::new(start))
+    }
+
+    fn free_contiguous(&self, start: PhysAddr, pages: u64) {
+        if let Err(e) = self.frames.lock().free(start.as_u64(), pages) {
+            log::error!("DMA memory: {e}; the {pages} pages at {start} stay allocated");
+        }
+    }
 }

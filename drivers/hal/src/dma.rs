@@ -73,6 +73,31 @@ pub trait DmaMemory {
     /// reads do not snoop the CPU caches (VT-d ECAP.C = 0, SMMU COHACC = 0).
     fn flush_for_device(&self, addr: PhysAddr, len: u64);
 
+    /// `pages` zeroed, physically contiguous 4 KiB pages whose first byte
+    /// is a multiple of `align` bytes (a power of two; anything below
+    /// [`PAGE_SIZE`] means page alignment), for structures larger than a
+    /// page: GIC LPI configuration and pending tables, ITS tables with
+    /// 16/64 KiB pages, large ITTs.
+    ///
+    /// The default implementation fails: this memory cannot hand out
+    /// contiguous ranges. Callers must treat that like any other
+    /// allocation failure (fall back to single pages or report which
+    /// structure could not be placed).
+    fn alloc_contiguous(&self, pages: u64, align: u64) -> Result<PhysAddr, DmaAllocError> {
+        let _ = (pages, align);
+        Err(DmaAllocError)
+    }
+
+    /// Returns a range obtained from [`DmaMemory::alloc_contiguous`], with
+    /// the same page count. The default (for memory that never hands out
+    /// contiguous ranges) only logs the misuse: such a range cannot exist.
+    fn free_contiguous(&self, start: PhysAddr, pages: u64) {
+        log::error!(
+            "DMA memory: free of {pages} contiguous pages at {start}, but this memory \
+             never hands out contiguous ranges; ignored"
+        );
+    }
+
     fn read_u32(&self, addr: PhysAddr) -> u32 {
         let word = self.read_u64(PhysAddr::new(addr.as_u64() & !7));
         (word >> ((addr.as_u64() & 4) * 8)) as u32

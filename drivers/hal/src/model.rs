@@ -17,8 +17,14 @@ const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
 /// * Pages handed out by [`DmaMemory::alloc_page`] come from a bump pointer
 ///   above `0x1_0000_0000` and are tracked as live until freed; freeing a page
 ///   that is not live panics (a double free is a bug in the code under test).
+/// * [`DmaMemory::alloc_contiguous`] hands out aligned runs of pages from
+///   the same bump pointer; every page of a run counts as live, the run is
+///   one allocation, and it must be returned whole with
+///   [`DmaMemory::free_contiguous`] (freeing part of it, or freeing it with
+///   another page count, panics). [`ModelMemory::set_max_contiguous_pages`]
+///   makes longer runs fail, like memory that cannot find them.
 /// * [`ModelMemory::fail_allocation_after`] makes the N-th next allocation
-///   fail, for allocation-failure sweeps.
+///   (single page or contiguous run) fail, for allocation-failure sweeps.
 /// * Reads of pages never written return zero; [`ModelMemory::poke`] lets a
 ///   test place data anywhere (e.g. guest RAM).
 /// * With [`ModelMemory::set_track_flushes`], every flushed range is logged
@@ -27,6 +33,9 @@ const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
 pub struct ModelMemory {
     pages: RefCell<BTreeMap<u64, Box<[u64; WORDS_PER_PAGE]>>>,
     live: RefCell<BTreeMap<u64, ()>>,
+    /// Contiguous runs: first page → page count.
+    runs: RefCell<BTreeMap<u64, u64>>,
+    max_contiguous: Cell<Option<u64>>,
     next_page: Cell<u64>,
     allocations: Cell<u64>,
     fail_after: Cell<Option<u64>>,
@@ -48,6 +57,8 @@ impl ModelMemory {
         Self {
             pages: RefCell::new(BTreeMap::new()),
             live: RefCell::new(BTreeMap::new()),
+            runs: RefCell::new(BTreeMap::new()),
+            max_contiguous: Cell::new(None),
             next_page: Cell::new(Self::ALLOC_BASE),
             allocations: Cell::new(0),
             fail_after: Cell::new(None),
@@ -77,6 +88,22 @@ impl ModelMemory {
     /// one-shot.
     pub fn fail_allocation_after(&self, successes: Option<u64>) {
         self.fail_after.set(successes);
+    }
+
+    /// Contiguous runs longer than `pages` fail (`None`: any length).
+    /// Such a refusal is how this memory is, not an injected failure: it
+    /// does not use up [`ModelMemory::fail_allocation_after`].
+    pub fn set_max_contiguous_pages(&self, pages: Option<u64>) {
+        self.max_contiguous.set(pages);
+    }
+
+    /// Contiguous runs allocated and not yet freed, as (start, pages).
+    pub fn contiguous_runs(&self) -> Vec<(PhysAddr, u64)> {
+        self.runs
+            .borrow()
+            .iter()
+            .map(|(&s, &n)| (PhysAddr::new(s), n))
+            .collect()
     }
 
     pub fn set_track_flushes(&self, on: bool) {
@@ -136,40 +163,120 @@ impl ModelMemory {
     }
 }
 
-impl DmaMemory for ModelMemory {
-    fn alloc_page(&self) -> Result<PhysAddr, DmaAllocError> {
+impl ModelMemory {
+    /// Applies [`ModelMemory::fail_allocation_after`] to one allocation.
+    fn injected_failure(&self) -> bool {
         match self.fail_after.get() {
             Some(0) => {
                 self.fail_after.set(None);
-                return Err(DmaAllocError);
+                true
             }
-            Some(n) => self.fail_after.set(Some(n - 1)),
-            None => {}
+            Some(n) => {
+                self.fail_after.set(Some(n - 1));
+                false
+            }
+            None => false,
         }
-        let page = self.next_page.get();
-        self.next_page.set(page + PAGE_SIZE);
-        self.allocations.set(self.allocations.get() + 1);
+    }
+
+    /// Makes `page` live and zeroed.
+    fn hand_out(&self, page: u64) {
         self.pages
             .borrow_mut()
             .insert(page, Box::new([0; WORDS_PER_PAGE]));
         self.live.borrow_mut().insert(page, ());
-        Ok(PhysAddr::new(page))
     }
 
-    fn free_page(&self, page: PhysAddr) {
-        let removed = self.live.borrow_mut().remove(&page.as_u64());
+    /// Makes `page` not live (and forgets its contents).
+    fn take_back(&self, page: u64) {
+        let removed = self.live.borrow_mut().remove(&page);
         assert!(
             removed.is_some(),
-            "free of a page that is not allocated: {page:?}"
+            "free of a page that is not allocated: {:?}",
+            PhysAddr::new(page)
         );
-        self.pages.borrow_mut().remove(&page.as_u64());
+        self.pages.borrow_mut().remove(&page);
         let mut unflushed = self.unflushed.borrow_mut();
         let stale: Vec<u64> = unflushed
-            .range(page.as_u64()..page.as_u64() + PAGE_SIZE)
+            .range(page..page + PAGE_SIZE)
             .map(|(&a, _)| a)
             .collect();
         for a in stale {
             unflushed.remove(&a);
+        }
+    }
+
+    /// The contiguous run `page` belongs to, if any.
+    fn run_containing(&self, page: u64) -> Option<(u64, u64)> {
+        self.runs
+            .borrow()
+            .range(..=page)
+            .next_back()
+            .map(|(&s, &n)| (s, n))
+            .filter(|&(s, n)| page < s + n * PAGE_SIZE)
+    }
+}
+
+impl DmaMemory for ModelMemory {
+    fn alloc_page(&self) -> Result<PhysAddr, DmaAllocError> {
+        if self.injected_failure() {
+            return Err(DmaAllocError);
+        }
+        let page = self.next_page.get();
+        self.next_page.set(page + PAGE_SIZE);
+        self.allocations.set(self.allocations.get() + 1);
+        self.hand_out(page);
+        Ok(PhysAddr::new(page))
+    }
+
+    fn free_page(&self, page: PhysAddr) {
+        if let Some((start, pages)) = self.run_containing(page.as_u64()) {
+            panic!(
+                "free_page of {page:?}, which belongs to the contiguous run of {pages} pages at \
+                 {:?}",
+                PhysAddr::new(start)
+            );
+        }
+        self.take_back(page.as_u64());
+    }
+
+    fn alloc_contiguous(&self, pages: u64, align: u64) -> Result<PhysAddr, DmaAllocError> {
+        let align = align.max(PAGE_SIZE);
+        if pages == 0 || !align.is_power_of_two() {
+            return Err(DmaAllocError);
+        }
+        if self.max_contiguous.get().is_some_and(|max| pages > max) {
+            return Err(DmaAllocError);
+        }
+        let bytes = pages.checked_mul(PAGE_SIZE).ok_or(DmaAllocError)?;
+        if self.injected_failure() {
+            return Err(DmaAllocError);
+        }
+        let start = self
+            .next_page
+            .get()
+            .checked_next_multiple_of(align)
+            .ok_or(DmaAllocError)?;
+        let end = start.checked_add(bytes).ok_or(DmaAllocError)?;
+        self.next_page.set(end);
+        self.allocations.set(self.allocations.get() + 1);
+        for i in 0..pages {
+            self.hand_out(start + i * PAGE_SIZE);
+        }
+        self.runs.borrow_mut().insert(start, pages);
+        Ok(PhysAddr::new(start))
+    }
+
+    fn free_contiguous(&self, start: PhysAddr, pages: u64) {
+        let recorded = self.runs.borrow().get(&start.as_u64()).copied();
+        assert_eq!(
+            recorded,
+            Some(pages),
+            "free_contiguous({start:?}, {pages}) does not match an allocated run"
+        );
+        self.runs.borrow_mut().remove(&start.as_u64());
+        for i in 0..pages {
+            self.take_back(start.as_u64() + i * PAGE_SIZE);
         }
     }
 
@@ -261,6 +368,72 @@ mod tests {
         let a = mem.alloc_page().unwrap();
         mem.free_page(a);
         mem.free_page(a);
+    }
+
+    #[test]
+    fn contiguous_runs_are_aligned_live_zeroed_and_freed_whole() {
+        let mem = ModelMemory::new();
+        let single = mem.alloc_page().unwrap();
+        mem.write_u64(single, 7);
+        let run = mem.alloc_contiguous(16, 0x1_0000).unwrap();
+        assert_eq!(run.as_u64() % 0x1_0000, 0, "64 KiB aligned: {run:?}");
+        assert_eq!(mem.live_pages(), 17);
+        assert_eq!(mem.allocation_count(), 2, "a run is one allocation");
+        assert_eq!(mem.contiguous_runs(), [(run, 16)]);
+        let last = PhysAddr::new(run.as_u64() + 15 * PAGE_SIZE);
+        assert!(mem.is_live(last));
+        assert_eq!(mem.read_u64(last), 0, "zeroed");
+        mem.write_u64(last, 1);
+        // An odd page-aligned request is fine too.
+        let small = mem.alloc_contiguous(3, 0).unwrap();
+        assert!(small.is_page_aligned());
+        assert!(
+            small.as_u64() >= run.as_u64() + 16 * PAGE_SIZE,
+            "no overlap"
+        );
+        mem.free_contiguous(run, 16);
+        assert!(!mem.is_live(last));
+        assert_eq!(mem.live_pages(), 4);
+        mem.free_contiguous(small, 3);
+        mem.free_page(single);
+        assert_eq!(mem.live_pages(), 0);
+        assert!(mem.contiguous_runs().is_empty());
+    }
+
+    #[test]
+    fn contiguous_runs_honour_injection_and_the_length_limit() {
+        let mem = ModelMemory::new();
+        mem.set_max_contiguous_pages(Some(2));
+        assert_eq!(mem.alloc_contiguous(3, 0), Err(DmaAllocError));
+        assert_eq!(mem.alloc_contiguous(0, 0), Err(DmaAllocError));
+        assert_eq!(mem.alloc_contiguous(1, 3 * PAGE_SIZE), Err(DmaAllocError));
+        mem.fail_allocation_after(Some(0));
+        assert_eq!(
+            mem.alloc_contiguous(2, 0),
+            Err(DmaAllocError),
+            "injected failure applies to runs"
+        );
+        let ok = mem.alloc_contiguous(2, 0).unwrap();
+        assert_eq!(mem.live_pages(), 2);
+        assert_eq!(mem.allocation_count(), 1);
+        mem.free_contiguous(ok, 2);
+        assert_eq!(mem.live_pages(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "contiguous run")]
+    fn freeing_part_of_a_run_is_caught() {
+        let mem = ModelMemory::new();
+        let run = mem.alloc_contiguous(2, 0).unwrap();
+        mem.free_page(PhysAddr::new(run.as_u64() + PAGE_SIZE));
+    }
+
+    #[test]
+    #[should_panic(expected = "does not match")]
+    fn freeing_a_run_with_the_wrong_length_is_caught() {
+        let mem = ModelMemory::new();
+        let run = mem.alloc_contiguous(2, 0).unwrap();
+        mem.free_contiguous(run, 1);
     }
 
     #[test]
