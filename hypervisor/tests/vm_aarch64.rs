@@ -387,7 +387,17 @@ enum GuestStep {
     PairLoad,
     /// `WFI` with `PSTATE.I` as given.
     Wfi { irqs_masked: bool },
+    /// With its vectors at [`VBAR`]: `MRS X3, ACTLR_EL1`, which EL2 traps
+    /// (`HCR_EL2.TACR`).
+    ReadActlr,
+    /// Its UNDEF handler steps over the instruction (`ELR_EL1` + 4) and
+    /// returns (`ERET` to `SPSR_EL1`), then the next instruction is `WFI`
+    /// with IRQs masked.
+    UndefHandledThenWfi,
 }
+
+/// The scripted guest's EL1 vector table.
+const VBAR: u64 = RAM + 0x28_0000;
 
 /// Plays the guest: each entry checks the PC is where the previous exit
 /// left it, applies the step to the registers and reports its syndrome.
@@ -437,6 +447,26 @@ impl El2Hardware for ScriptedGuest {
                 )
             }
             GuestStep::PairLoad => data_abort(aarch64_layout::ECAM_BASE, 0),
+            GuestStep::ReadActlr => {
+                c.el1.vbar_el1 = VBAR;
+                ExitSyndrome {
+                    kind: ExceptionKind::Synchronous,
+                    // EC 0x18; Op0 3, Op2 1, CRn 1, Rt 3, read.
+                    esr: (0x18 << 26) | IL | (3 << 20) | (1 << 17) | (1 << 10) | (3 << 5) | 1,
+                    far: 0,
+                    hpfar: 0,
+                }
+            }
+            GuestStep::UndefHandledThenWfi => {
+                r.pc = c.el1.elr_el1 + 4;
+                r.pstate = c.el1.spsr_el1 | pstate::I;
+                ExitSyndrome {
+                    kind: ExceptionKind::Synchronous,
+                    esr: (0x01 << 26) | IL,
+                    far: 0,
+                    hpfar: 0,
+                }
+            }
             GuestStep::Wfi { irqs_masked } => {
                 if irqs_masked {
                     r.pstate |= pstate::I;
@@ -573,6 +603,35 @@ fn a_guest_prints_calls_reads_its_device_and_finishes() {
         (6, 1, 4, 1)
     );
     assert_eq!(stats.calls(cmd::IOAS_ALLOC), 1);
+}
+
+#[test]
+fn a_trapped_register_read_is_undefined_and_the_guest_goes_on() {
+    let mut b = build(&WFI, "16M").unwrap();
+    let steps = vec![
+        GuestStep::Print(b'u'),
+        GuestStep::ReadActlr,
+        GuestStep::UndefHandledThenWfi,
+    ];
+    let (end, backend, _) = run(&mut b, steps);
+    assert_eq!(end, RunEnd::Finished);
+    let seen = &backend.hardware().seen;
+    assert_eq!(seen.len(), 3);
+    // The MRS is at CODE + 4 (after the store); the entry after it is the
+    // guest's synchronous vector for EL1h, with the exception recorded in
+    // its EL1 registers.
+    let (trapped, _) = &seen[2];
+    assert_eq!(trapped.registers.pc, VBAR + 0x200);
+    assert_eq!(trapped.el1.elr_el1, CODE + 4);
+    assert_eq!(trapped.el1.esr_el1, 0x0200_0000, "EC 0, IL 1");
+    assert_eq!(trapped.el1.spsr_el1, 0x3c5, "the entry PSTATE (EL1h, DAIF)");
+    assert_eq!(trapped.registers.pstate, 0x3c5);
+    assert_eq!(
+        trapped.registers.x[3], seen[1].0.registers.x[3],
+        "the MRS wrote nothing"
+    );
+    assert_eq!(b.vm.console_lines, Vec::<String>::new());
+    assert_eq!((b.vm.stats.total, b.vm.stats.hlt), (3, 1));
 }
 
 #[test]

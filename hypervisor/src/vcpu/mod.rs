@@ -202,6 +202,20 @@ pub enum VcpuExit {
     /// The guest waits for an event (Arm `WFE`): the instruction is
     /// skipped and the guest resumes, as if an event had arrived.
     Yield,
+    /// An aarch64 `MRS`, `MSR`, `SYS` or `SYSL` that EL2 trapped (Arm
+    /// `ESR_EL2.EC` = 0x18), decoded from the syndrome.
+    SystemRegister(SystemRegisterAccess),
+    /// An aarch64 `SMC` that EL2 trapped (`HCR_EL2.TSC`) and that is not a
+    /// PSCI call (those arrive as [`VcpuExit::Hypercall`]): `function` is
+    /// X0, `immediate` the instruction's `#imm16`.
+    SecureMonitorCall {
+        function: u64,
+        immediate: u16,
+    },
+    /// An aarch64 instruction reported to EL2 for an unknown reason (Arm
+    /// `ESR_EL2.EC` = 0x00, no syndrome): the architecture's way of
+    /// saying the instruction is UNDEFINED.
+    UndefinedInstruction,
     /// Anything else: the raw exit code (SVM `EXITCODE`, VMX basic exit
     /// reason, Arm `ESR_EL2`). The VM is stopped with a log line naming
     /// the code.
@@ -224,6 +238,134 @@ pub struct DecodedAccess {
     /// The register is 64 bits wide (Xn); else 32 (Wn), whose upper half
     /// a load clears.
     pub register_64: bool,
+}
+
+/// The encoding of an aarch64 system register or system instruction
+/// (`op0`, `op1`, `CRn`, `CRm`, `op2`; Arm ARM DDI 0487, C5.1 "The System
+/// instruction class encoding space").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SystemRegisterEncoding {
+    pub op0: u8,
+    pub op1: u8,
+    pub crn: u8,
+    pub crm: u8,
+    pub op2: u8,
+}
+
+impl SystemRegisterEncoding {
+    pub const fn new(op0: u8, op1: u8, crn: u8, crm: u8, op2: u8) -> Self {
+        Self {
+            op0,
+            op1,
+            crn,
+            crm,
+            op2,
+        }
+    }
+
+    /// `ACTLR_EL1` (trapped by `HCR_EL2.TACR`).
+    pub const ACTLR_EL1: Self = Self::new(3, 0, 1, 0, 1);
+    /// The EL1 physical timer (trapped by `CNTHCTL_EL2.EL1PCEN` = 0).
+    pub const CNTP_TVAL_EL0: Self = Self::new(3, 3, 14, 2, 0);
+    pub const CNTP_CTL_EL0: Self = Self::new(3, 3, 14, 2, 1);
+    pub const CNTP_CVAL_EL0: Self = Self::new(3, 3, 14, 2, 2);
+    /// Data-cache maintenance by set/way (trapped by `HCR_EL2.TSW`).
+    pub const DC_ISW: Self = Self::new(1, 0, 7, 6, 2);
+    pub const DC_CSW: Self = Self::new(1, 0, 7, 10, 2);
+    pub const DC_CISW: Self = Self::new(1, 0, 7, 14, 2);
+
+    /// A system instruction (`SYS`/`SYSL`: `op0` = 1) rather than a
+    /// register.
+    pub const fn is_instruction(&self) -> bool {
+        self.op0 == 1
+    }
+
+    /// In the space reserved for IMPLEMENTATION DEFINED registers and
+    /// instructions, which `HCR_EL2.TIDCP` traps: `op0` 1 or 3 with `CRn`
+    /// 11 or 15 (Arm ARM, D18.3.2 "Reserved encodings for IMPLEMENTATION
+    /// DEFINED registers" and the `HCR_EL2.TIDCP` description).
+    pub const fn is_implementation_defined(&self) -> bool {
+        (self.op0 == 1 || self.op0 == 3) && (self.crn == 11 || self.crn == 15)
+    }
+
+    /// Data-cache maintenance by set/way.
+    pub const fn is_set_way_maintenance(&self) -> bool {
+        matches!(
+            (self.op0, self.op1, self.crn, self.crm, self.op2),
+            (1, 0, 7, 6 | 10 | 14, 2)
+        )
+    }
+
+    /// The architectural name of the encodings Sluice's configuration
+    /// traps, for log lines; `None` for the rest.
+    pub fn name(&self) -> Option<&'static str> {
+        Some(match *self {
+            Self::ACTLR_EL1 => "ACTLR_EL1",
+            Self::CNTP_TVAL_EL0 => "CNTP_TVAL_EL0",
+            Self::CNTP_CTL_EL0 => "CNTP_CTL_EL0",
+            Self::CNTP_CVAL_EL0 => "CNTP_CVAL_EL0",
+            Self::DC_ISW => "DC ISW",
+            Self::DC_CSW => "DC CSW",
+            Self::DC_CISW => "DC CISW",
+            _ if self.is_implementation_defined() => "IMPLEMENTATION DEFINED",
+            _ => return None,
+        })
+    }
+}
+
+/// The generic assembler name, `S<op0>_<op1>_C<n>_C<m>_<op2>`, followed
+/// by the architectural name in parentheses where [`Self::name`] knows it.
+impl fmt::Display for SystemRegisterEncoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "S{}_{}_C{}_C{}_{}",
+            self.op0, self.op1, self.crn, self.crm, self.op2
+        )?;
+        match self.name() {
+            Some(name) => write!(f, " ({name})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A trapped aarch64 system-register access or system instruction (Arm
+/// `ESR_EL2` ISS for EC 0x18: `Op0`, `Op2`, `Op1`, `CRn`, `Rt`, `CRm`,
+/// `Direction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SystemRegisterAccess {
+    pub encoding: SystemRegisterEncoding,
+    /// `Rt`: X0–X30, 31 the zero register.
+    pub register: u8,
+    /// `Read` for `MRS`/`SYSL`, `Write` for `MSR`/`SYS`.
+    pub access: MsrAccess,
+}
+
+/// The instruction as an engineer would write it, e.g.
+/// `MRS X3, S3_0_C1_C0_1 (ACTLR_EL1)`.
+impl fmt::Display for SystemRegisterAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rt = Aarch64Register(self.register);
+        match (self.encoding.is_instruction(), self.access) {
+            (false, MsrAccess::Read) => write!(f, "MRS {rt}, {}", self.encoding),
+            (false, MsrAccess::Write) => write!(f, "MSR {}, {rt}", self.encoding),
+            (true, MsrAccess::Read) => write!(f, "SYSL {rt}, {}", self.encoding),
+            (true, MsrAccess::Write) => write!(f, "SYS {}, {rt}", self.encoding),
+        }
+    }
+}
+
+/// An aarch64 general-purpose register number for display: `X0`–`X30`,
+/// `XZR` for 31.
+struct Aarch64Register(u8);
+
+impl fmt::Display for Aarch64Register {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            31 => f.write_str("XZR"),
+            n => write!(f, "X{n}"),
+        }
+    }
 }
 
 impl DecodedAccess {
@@ -611,11 +753,20 @@ pub struct Aarch64Registers {
     pub pstate: u64,
 }
 
-/// `PSTATE` / `SPSR_EL2` bits (Arm ARM, "SPSR_EL2" for exceptions taken
-/// from AArch64).
+/// `PSTATE` / `SPSR_EL2` / `SPSR_EL1` bits (Arm ARM, D19 "SPSR_EL2" and
+/// "SPSR_EL1" for exceptions taken from AArch64; the same layout holds
+/// PSTATE in both).
 pub mod pstate {
+    /// `M[3:0]` = EL0 (EL0t).
+    pub const MODE_EL0T: u64 = 0b0000;
+    /// `M[3:0]` = EL1 with SP_EL0 (EL1t).
+    pub const MODE_EL1T: u64 = 0b0100;
     /// `M[3:0]` = EL1 with SP_EL1 (EL1h).
     pub const MODE_EL1H: u64 = 0b0101;
+    /// `M[3:0]`: exception level (bits 3:2) and stack pointer (bit 0).
+    pub const MODE: u64 = 0b1111;
+    /// `M[4]` (nRW): the state was AArch32.
+    pub const AARCH32: u64 = 1 << 4;
     /// FIQ mask.
     pub const F: u64 = 1 << 6;
     /// IRQ mask.
@@ -624,8 +775,68 @@ pub mod pstate {
     pub const A: u64 = 1 << 8;
     /// Debug mask.
     pub const D: u64 = 1 << 9;
+    /// `D`, `A`, `I`, `F` together.
+    pub const DAIF: u64 = D | A | I | F;
     /// `BTYPE` (FEAT_BTI), cleared when an instruction retires.
     pub const BTYPE: u64 = 0b11 << 10;
+    /// Speculative Store Bypass Safe (FEAT_SSBS).
+    pub const SSBS: u64 = 1 << 12;
+    /// All interrupts masked (FEAT_NMI).
+    pub const ALLINT: u64 = 1 << 13;
+    /// Illegal Execution state.
+    pub const IL: u64 = 1 << 20;
+    /// Software step.
+    pub const SS: u64 = 1 << 21;
+    /// Privileged Access Never (FEAT_PAN).
+    pub const PAN: u64 = 1 << 22;
+    /// User Access Override (FEAT_UAO).
+    pub const UAO: u64 = 1 << 23;
+    /// Tag Check Override (FEAT_MTE).
+    pub const TCO: u64 = 1 << 25;
+}
+
+/// A synchronous exception Sluice makes an aarch64 guest take at EL1, as
+/// the processor would have had the access not been trapped to EL2. The
+/// backend builds the syndrome (`ESR_EL1`) from it and the exception
+/// entry from where the guest was (Arm ARM DDI 0487 G.b, D1.10 "Exception
+/// entry", and the pseudocode `AArch64.TakeException`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Aarch64Exception {
+    /// The instruction at the PC is UNDEFINED: `ESR_EL1.EC` = 0x00
+    /// ("Unknown reason"), `IL` = 1 (the ESR_ELx `IL` field is RES1 for
+    /// exceptions reported with EC 0x00), ISS zero; `ELR_EL1` is the
+    /// instruction itself.
+    Undefined,
+    /// A synchronous external abort on a data access to the guest virtual
+    /// address `far` by the instruction at the PC: EC 0x24 taken from EL0,
+    /// 0x25 from EL1; `DFSC` = 0b010000, `WnR` = `write`, no instruction
+    /// syndrome (`ISV` = 0, hence `IL` = 1); `FAR_EL1` = `far`.
+    ExternalDataAbort { far: u64, write: bool },
+}
+
+impl Aarch64Exception {
+    /// `ESR_EL1` for this exception taken from EL0 (`from_el0`) or EL1
+    /// (Arm ARM, D19 "ESR_EL1": EC bits 31:26, IL bit 25, ISS bits 24:0;
+    /// the data-abort ISS: WnR bit 6, DFSC bits 5:0).
+    pub const fn syndrome(&self, from_el0: bool) -> u64 {
+        const IL: u64 = 1 << 25;
+        match *self {
+            Self::Undefined => IL,
+            Self::ExternalDataAbort { write, .. } => {
+                let class: u64 = if from_el0 { 0x24 } else { 0x25 };
+                let wnr = if write { 1 << 6 } else { 0 };
+                (class << 26) | IL | wnr | 0b01_0000
+            }
+        }
+    }
+
+    /// The fault address the exception reports in `FAR_EL1`, if any.
+    pub const fn fault_address(&self) -> Option<u64> {
+        match *self {
+            Self::Undefined => None,
+            Self::ExternalDataAbort { far, .. } => Some(far),
+        }
+    }
 }
 
 impl Aarch64Registers {
@@ -730,6 +941,24 @@ pub trait VcpuBackend {
     fn aarch64_registers(&self, vcpu: &Self::Vcpu) -> Option<Aarch64Registers> {
         let _ = vcpu;
         None
+    }
+    /// Makes an aarch64 vCPU take `exception` at EL1 at the next entry,
+    /// as if the instruction at its PC had raised it (the counterpart of
+    /// [`VcpuBackend::inject_event`], which carries x86 events only). One
+    /// at a time: [`VcpuError::EventPending`] if one is still queued. x86
+    /// backends refuse.
+    fn inject_aarch64_exception(
+        &mut self,
+        vcpu: &mut Self::Vcpu,
+        exception: Aarch64Exception,
+    ) -> Result<(), VcpuError> {
+        let _ = vcpu;
+        log::error!(
+            "cannot inject {exception:?}: an aarch64 exception on an x86 virtualization backend"
+        );
+        Err(VcpuError::Unsupported(
+            "an aarch64 exception on an x86 virtualization backend",
+        ))
     }
     /// Sets an aarch64 vCPU's registers. x86 backends refuse.
     fn set_aarch64_registers(
@@ -890,6 +1119,10 @@ mod tests {
             Err(VcpuError::Unsupported(_))
         ));
         assert_eq!(b.aarch64_registers(&()), None);
+        assert!(matches!(
+            b.inject_aarch64_exception(&mut (), Aarch64Exception::Undefined),
+            Err(VcpuError::Unsupported(_))
+        ));
         assert!(
             b.set_aarch64_registers(&mut (), &Aarch64Registers::default())
                 .is_err()

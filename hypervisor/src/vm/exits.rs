@@ -22,7 +22,11 @@
 //! console register and the ECAM window are emulated from the access's
 //! size, direction and register without fetching the instruction. `WFI`
 //! is HLT, `WFE` a yield; an access the hardware could not describe stops
-//! the VM.
+//! the VM. A trapped system-register access Sluice does not emulate, a
+//! non-PSCI `SMC` and an instruction reported for an unknown reason make
+//! the guest take an UNDEFINED-instruction exception at EL1 (the Arm
+//! counterpart of x86's `#GP` for MSRs); set/way cache maintenance, which
+//! the guest needs done, stops the VM instead.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -37,8 +41,8 @@ use crate::vcpu::decode::{
 };
 use crate::vcpu::hypercall::{HypercallDispatcher, aarch64_hypercall, x86_hypercall};
 use crate::vcpu::{
-    AccessKind, AccessSize, CR4_LA57, DecodedAccess, Event, Exit, InstructionLength, IoDirection,
-    VcpuBackend, VcpuError, VcpuExit, gpr,
+    Aarch64Exception, AccessKind, AccessSize, CR4_LA57, DecodedAccess, Event, Exit,
+    InstructionLength, IoDirection, SystemRegisterAccess, VcpuBackend, VcpuError, VcpuExit, gpr,
 };
 
 use super::boot::{CONSOLE_PORT, HYPERCALL_ABI_VERSION, aarch64_layout};
@@ -168,6 +172,13 @@ pub enum StopReason {
     UnknownLength {
         rip: u64,
     },
+    /// Data-cache maintenance by set/way (Arm `DC ISW/CSW/CISW`, trapped by
+    /// `HCR_EL2.TSW` because it reaches caches Sluice shares): the guest
+    /// needs it done, and Sluice does not emulate it.
+    SetWayMaintenance {
+        rip: u64,
+        access: SystemRegisterAccess,
+    },
     /// The backend refused an operation.
     Backend(VcpuError),
     /// An exit Sluice has no handler for.
@@ -211,6 +222,10 @@ impl fmt::Display for StopReason {
             Self::UnknownLength { rip } => {
                 write!(f, "no instruction length for the exit at {rip:#x}")
             }
+            Self::SetWayMaintenance { rip, access } => write!(
+                f,
+                "{access} at {rip:#x}: cache maintenance by set/way is trapped (HCR_EL2.TSW) and not emulated; clean and invalidate by address (DC CIVAC) instead"
+            ),
             Self::Backend(e) => write!(f, "vCPU backend: {e}"),
             Self::Unhandled { rip, exit } => write!(f, "unhandled exit {exit:?} at {rip:#x}"),
         }
@@ -602,11 +617,57 @@ where
             skip(backend, vcpu, length)?;
             Ok(ExitAction::Resume)
         }
+        VcpuExit::SystemRegister(access) if access.encoding.is_set_way_maintenance() => {
+            Err(StopReason::SetWayMaintenance { rip, access })
+        }
+        VcpuExit::SystemRegister(access) => {
+            // Nothing is emulated yet: like an MSR on x86, an access that
+            // EL2 trapped (HCR_EL2.TIDCP, TACR, CNTHCTL_EL2.EL1PCEN, ...)
+            // is UNDEFINED for the guest, with the PC left on it.
+            log::debug!(
+                "VM {}: {access} at {rip:#x} trapped to EL2, not emulated: UNDEFINED instruction exception",
+                env.vm_name
+            );
+            undefined(backend, vcpu)
+        }
+        VcpuExit::SecureMonitorCall {
+            function,
+            immediate,
+        } => {
+            // No secure firmware answers guests: their SMC behaves as on a
+            // processor without EL3, where SMC at EL1 is UNDEFINED (Arm ARM
+            // C6.2 "SMC" and its pseudocode AArch64.CheckForSMCUndefOrTrap).
+            // PSCI calls arrive as hypercalls instead.
+            log::debug!(
+                "VM {}: SMC #{immediate:#x} with function {function:#x} at {rip:#x} is not a PSCI call: UNDEFINED instruction exception",
+                env.vm_name
+            );
+            undefined(backend, vcpu)
+        }
+        VcpuExit::UndefinedInstruction => {
+            log::debug!(
+                "VM {}: instruction at {rip:#x} trapped to EL2 for an unknown reason (ESR_EL2.EC 0): UNDEFINED instruction exception",
+                env.vm_name
+            );
+            undefined(backend, vcpu)
+        }
         VcpuExit::Shutdown => Err(StopReason::TripleFault),
         VcpuExit::InterruptWindow | VcpuExit::ExternalInterrupt => Ok(ExitAction::Resume),
         VcpuExit::Exception { vector, .. } => Err(StopReason::Exception { rip, vector }),
         other @ VcpuExit::Unknown { .. } => Err(StopReason::Unhandled { rip, exit: other }),
     }
+}
+
+/// Makes the guest take an UNDEFINED-instruction exception at the
+/// instruction it exited on, and resumes it (at its EL1 vector).
+fn undefined<B: VcpuBackend>(
+    backend: &mut B,
+    vcpu: &mut B::Vcpu,
+) -> Result<ExitAction, StopReason> {
+    backend
+        .inject_aarch64_exception(vcpu, Aarch64Exception::Undefined)
+        .map_err(StopReason::Backend)?;
+    Ok(ExitAction::Resume)
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! layouts per exception class are in the ESR_EL2 description).
 
 use crate::vcpu::{
-    AccessKind, AccessSize, DecodedAccess, InstructionBytes, InstructionLength, VcpuExit,
+    AccessKind, AccessSize, DecodedAccess, InstructionBytes, InstructionLength, MsrAccess,
+    SystemRegisterAccess, SystemRegisterEncoding, VcpuExit,
 };
 
 /// Which of the four vectors of the lower-EL group the guest's exception
@@ -44,6 +45,42 @@ pub mod ec {
 /// 16-bit T32 one).
 const IL: u64 = 1 << 25;
 const ISS_MASK: u64 = (1 << 25) - 1;
+
+/// ISS of a trapped MSR, MRS or system instruction (EC 0x18, "ISS encoding
+/// for an exception from MSR, MRS, or System instruction execution in
+/// AArch64 state").
+mod sysreg {
+    pub const OP0_SHIFT: u32 = 20;
+    pub const OP2_SHIFT: u32 = 17;
+    pub const OP1_SHIFT: u32 = 14;
+    pub const CRN_SHIFT: u32 = 10;
+    pub const RT_SHIFT: u32 = 5;
+    pub const CRM_SHIFT: u32 = 1;
+    /// 1: read (`MRS`, `SYSL`); 0: write (`MSR`, `SYS`).
+    pub const DIRECTION_READ: u64 = 1;
+}
+
+/// Decodes the ISS of a trapped MSR/MRS/system instruction.
+pub const fn decode_system_register(iss: u64) -> SystemRegisterAccess {
+    const fn field(iss: u64, shift: u32, bits: u32) -> u8 {
+        ((iss >> shift) & ((1 << bits) - 1)) as u8
+    }
+    SystemRegisterAccess {
+        encoding: SystemRegisterEncoding::new(
+            field(iss, sysreg::OP0_SHIFT, 2),
+            field(iss, sysreg::OP1_SHIFT, 3),
+            field(iss, sysreg::CRN_SHIFT, 4),
+            field(iss, sysreg::CRM_SHIFT, 4),
+            field(iss, sysreg::OP2_SHIFT, 3),
+        ),
+        register: field(iss, sysreg::RT_SHIFT, 5),
+        access: if iss & sysreg::DIRECTION_READ != 0 {
+            MsrAccess::Read
+        } else {
+            MsrAccess::Write
+        },
+    }
+}
 
 /// Data-abort ISS fields.
 mod dabt {
@@ -148,12 +185,19 @@ pub fn decode_exit(syndrome: &ExitSyndrome, x0: u64, x1: u64) -> DecodedExit {
             length,
             elr_past_instruction: true,
         },
-        // A trapped SMC: only PSCI calls are answered (as not supported by
-        // the hypercall path), anything else stops the VM.
+        // A trapped SMC (its ELR is the SMC itself): PSCI calls go to the
+        // hypercall path (which answers them NOT_SUPPORTED), any other is
+        // reported for the exit handler to refuse.
         ec::SMC64 if iss & 0xffff == 0 && is_psci_function(x0) => with(VcpuExit::Hypercall {
             command: x0,
             argument: x1,
         }),
+        ec::SMC64 => with(VcpuExit::SecureMonitorCall {
+            function: x0,
+            immediate: (iss & 0xffff) as u16,
+        }),
+        ec::SYSREG => with(VcpuExit::SystemRegister(decode_system_register(iss))),
+        ec::UNKNOWN => with(VcpuExit::UndefinedInstruction),
         ec::DATA_ABORT_LOWER => decode_data_abort(syndrome, iss, length),
         ec::INSTRUCTION_ABORT_LOWER => {
             let Some(present) = stage2_fault(iss & 0x3f) else {
@@ -289,11 +333,98 @@ mod tests {
         assert!(is_psci_function(0xc400_0003));
         assert!(!is_psci_function(0xc400_0020));
         assert!(!is_psci_function(0x1_8400_0000));
-        let e = esr(ec::SMC64, 0);
+        // Any other SMC is reported with its function ID and immediate, at
+        // the SMC (the exit handler makes it UNDEFINED for the guest).
+        let d = decode_exit(&sync(esr(ec::SMC64, 0)), 0xc200_0001, 0);
         assert_eq!(
-            decode_exit(&sync(e), 0xc600_0001, 0).reason,
-            VcpuExit::Unknown { code: e }
+            d.reason,
+            VcpuExit::SecureMonitorCall {
+                function: 0xc200_0001,
+                immediate: 0
+            }
         );
+        assert_eq!(d.length, InstructionLength::Known(4));
+        assert!(!d.elr_past_instruction);
+        // SMC #5 is not the SMCCC conduit, even with a PSCI function ID.
+        assert_eq!(
+            decode_exit(&sync(esr(ec::SMC64, 5)), 0x8400_0000, 0).reason,
+            VcpuExit::SecureMonitorCall {
+                function: 0x8400_0000,
+                immediate: 5
+            }
+        );
+    }
+
+    #[test]
+    fn trapped_system_registers_and_instructions() {
+        // MRS X3, ACTLR_EL1: Op0 3, Op2 1, Op1 0, CRn 1, Rt 3, CRm 0, read.
+        let iss = (3 << 20) | (1 << 17) | (1 << 10) | (3 << 5) | 1;
+        let d = decode_exit(&sync(esr(ec::SYSREG, iss)), 0, 0);
+        let expected = SystemRegisterAccess {
+            encoding: SystemRegisterEncoding::ACTLR_EL1,
+            register: 3,
+            access: MsrAccess::Read,
+        };
+        assert_eq!(d.reason, VcpuExit::SystemRegister(expected));
+        assert_eq!(d.length, InstructionLength::Known(4));
+        assert!(!d.elr_past_instruction, "a trapped MRS's ELR is the MRS");
+        assert_eq!(
+            alloc::format!("{expected}"),
+            "MRS X3, S3_0_C1_C0_1 (ACTLR_EL1)"
+        );
+        // MSR CNTP_CTL_EL0, XZR: Op0 3, Op2 1, Op1 3, CRn 14, Rt 31, CRm 2,
+        // write.
+        let iss = (3 << 20) | (1 << 17) | (3 << 14) | (14 << 10) | (31 << 5) | (2 << 1);
+        let VcpuExit::SystemRegister(a) = decode_exit(&sync(esr(ec::SYSREG, iss)), 0, 0).reason
+        else {
+            panic!("not a system register exit");
+        };
+        assert_eq!(
+            (a.encoding, a.register, a.access),
+            (SystemRegisterEncoding::CNTP_CTL_EL0, 31, MsrAccess::Write)
+        );
+        assert_eq!(
+            alloc::format!("{a}"),
+            "MSR S3_3_C14_C2_1 (CNTP_CTL_EL0), XZR"
+        );
+        // DC CISW, X0 (SYS: Op0 1, Op1 0, CRn 7, CRm 14, Op2 2, write).
+        let iss = (1 << 20) | (2 << 17) | (7 << 10) | (14 << 1);
+        let VcpuExit::SystemRegister(a) = decode_exit(&sync(esr(ec::SYSREG, iss)), 0, 0).reason
+        else {
+            panic!("not a system register exit");
+        };
+        assert!(a.encoding.is_set_way_maintenance() && a.encoding.is_instruction());
+        assert_eq!(alloc::format!("{a}"), "SYS S1_0_C7_C14_2 (DC CISW), X0");
+        // An IMPLEMENTATION DEFINED register, every field at its maximum
+        // but CRn: MRS X30, S3_7_C15_C15_7.
+        let iss = (3 << 20) | (7 << 17) | (7 << 14) | (15 << 10) | (30 << 5) | (15 << 1) | 1;
+        let VcpuExit::SystemRegister(a) = decode_exit(&sync(esr(ec::SYSREG, iss)), 0, 0).reason
+        else {
+            panic!("not a system register exit");
+        };
+        assert_eq!(a.encoding, SystemRegisterEncoding::new(3, 7, 15, 15, 7));
+        assert!(a.encoding.is_implementation_defined() && !a.encoding.is_set_way_maintenance());
+        assert_eq!(
+            alloc::format!("{a}"),
+            "MRS X30, S3_7_C15_C15_7 (IMPLEMENTATION DEFINED)"
+        );
+        // SYSL X1, IMPLEMENTATION DEFINED instruction space (Op0 1, CRn 11).
+        let iss = (1 << 20) | (11 << 10) | (1 << 5) | 1;
+        let VcpuExit::SystemRegister(a) = decode_exit(&sync(esr(ec::SYSREG, iss)), 0, 0).reason
+        else {
+            panic!("not a system register exit");
+        };
+        assert_eq!(
+            alloc::format!("{a}"),
+            "SYSL X1, S1_0_C11_C0_0 (IMPLEMENTATION DEFINED)"
+        );
+        // An encoding Sluice has no name for; bits above the ISS ignored.
+        let e = esr(ec::SYSREG, (3 << 20) | (2 << 10)) | (0x1f << 32);
+        let VcpuExit::SystemRegister(a) = decode_exit(&sync(e), 0, 0).reason else {
+            panic!("not a system register exit");
+        };
+        assert_eq!(alloc::format!("{a}"), "MSR S3_0_C2_C0_0, X0");
+        assert_eq!(a.encoding.name(), None);
     }
 
     #[test]
@@ -475,8 +606,14 @@ mod tests {
             decode_exit(&serror, 0, 0).reason,
             VcpuExit::Unknown { code: 0xbe00_0000 }
         );
-        // A trapped MSR/MRS, an unknown instruction.
-        for e in [esr(ec::SYSREG, 0x30_0000), esr(ec::UNKNOWN, 0)] {
+        // An instruction reported for an unknown reason (IL is RES1).
+        let d = decode_exit(&sync(esr(ec::UNKNOWN, 0)), 0, 0);
+        assert_eq!(d.reason, VcpuExit::UndefinedInstruction);
+        assert_eq!(d.length, InstructionLength::Known(4));
+        assert!(!d.elr_past_instruction);
+        // Exception classes Sluice does not handle (a trapped FP access,
+        // a breakpoint) stay unknown: the VM stops.
+        for e in [esr(0x07, 0), esr(0x3c, 0)] {
             assert_eq!(
                 decode_exit(&sync(e), 0, 0).reason,
                 VcpuExit::Unknown { code: e }

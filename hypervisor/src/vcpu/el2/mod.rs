@@ -26,9 +26,12 @@
 //! in `rflags` (the full register file is
 //! [`VcpuBackend::aarch64_registers`]); [`VcpuBackend::translation_state`]
 //! is all zero (no x86 decoding happens: data aborts come decoded); vCPUs
-//! are created with [`VcpuBackend::create_aarch64_vcpu`].
+//! are created with [`VcpuBackend::create_aarch64_vcpu`]. Exceptions are
+//! injected with [`VcpuBackend::inject_aarch64_exception`] and taken at
+//! the next entry ([`inject`]); x86 events are refused.
 
 pub mod exit;
+pub mod inject;
 pub mod sysregs;
 
 use sluice_hal::PhysAddr;
@@ -36,11 +39,12 @@ use sluice_iommu::pagetable::PageTableError;
 use sluice_iommu::pagetable::arm::ArmStage2;
 
 pub use exit::{ExceptionKind, ExitSyndrome};
+pub use inject::PstateFeatures;
 
 use super::svm::asid::{AsidAllocator, AsidError};
 use super::{
-    Aarch64EntryState, Aarch64Registers, EntryState, Event, Exit, GuestRegisters, TranslationState,
-    VcpuBackend, VcpuError, pstate,
+    Aarch64EntryState, Aarch64Exception, Aarch64Registers, EntryState, Event, Exit, GuestRegisters,
+    TranslationState, VcpuBackend, VcpuError, pstate,
 };
 use sysregs::{hcr, pa_range_bits, pa_range_encoding, vmpidr_value, vtcr_value, vttbr_value};
 
@@ -126,19 +130,24 @@ pub trait El2Hardware {
     fn enter(&mut self, context: &mut GuestContext, control: &GuestControl) -> ExitSyndrome;
 }
 
-/// What the processor offers (`ID_AA64MMFR0_EL1`, `ID_AA64MMFR1_EL1`).
+/// What the processor offers (`ID_AA64MMFR0_EL1`, `ID_AA64MMFR1_EL1`,
+/// and for exception entry `ID_AA64PFR1_EL1`, `ID_AA64MMFR2_EL1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct El2Features {
     /// Physical address size (`PARange`).
     pub physical_bits: u32,
     /// VMID width: 8 or 16 (`VMIDBits`).
     pub vmid_bits: u8,
+    /// What exception entry to EL1 does to PSTATE ([`inject`]).
+    pub pstate: PstateFeatures,
 }
 
 impl El2Features {
     /// Decodes `ID_AA64MMFR0_EL1.PARange` (bits 3:0) and
     /// `ID_AA64MMFR1_EL1.VMIDBits` (bits 7:4: 0b0010 is 16 bits). An
-    /// unknown PARange reads as 32 bits, the minimum.
+    /// unknown PARange reads as 32 bits, the minimum. PSTATE features:
+    /// those of an Armv8.0 processor (none) until
+    /// [`El2Features::with_pstate_features`].
     pub const fn from_id_registers(mmfr0: u64, mmfr1: u64) -> Self {
         let physical_bits = match pa_range_bits(mmfr0 & 0xf) {
             Some(bits) => bits,
@@ -147,7 +156,14 @@ impl El2Features {
         Self {
             physical_bits,
             vmid_bits: if (mmfr1 >> 4) & 0xf == 0b0010 { 16 } else { 8 },
+            pstate: PstateFeatures::from_id_registers(0, 0, 0),
         }
+    }
+
+    /// The same with the processor's PSTATE features (decoded by
+    /// [`PstateFeatures::from_id_registers`]).
+    pub const fn with_pstate_features(self, pstate: PstateFeatures) -> Self {
+        Self { pstate, ..self }
     }
 
     /// Output address size of the stage-2 tables: the physical address
@@ -174,6 +190,8 @@ pub struct El2Vcpu {
     /// The stage-2 root, once set.
     root: Option<u64>,
     flush_tlb: bool,
+    /// Taken at the next entry.
+    pending: Option<Aarch64Exception>,
 }
 
 impl El2Vcpu {
@@ -182,6 +200,10 @@ impl El2Vcpu {
     }
     pub fn vmid(&self) -> u16 {
         self.vmid
+    }
+    /// The exception the guest takes at its next entry, if any.
+    pub fn pending_exception(&self) -> Option<Aarch64Exception> {
+        self.pending
     }
 }
 
@@ -278,6 +300,7 @@ impl<H: El2Hardware> VcpuBackend for El2Backend<H> {
             root: None,
             // The VMID may have been another VM's: its TLB entries go.
             flush_tlb: true,
+            pending: None,
         })
     }
 
@@ -291,6 +314,19 @@ impl<H: El2Hardware> VcpuBackend for El2Backend<H> {
             return Err(VcpuError::InvalidGuestState(
                 "PSTATE names an exception level other than EL1/EL0 (AArch64)",
             ));
+        }
+        if let Some(exception) = vcpu.pending.take() {
+            let from = vcpu.context.registers;
+            inject::take_exception(&mut vcpu.context, exception, &self.features.pstate)?;
+            log::debug!(
+                "EL2: vCPU {} takes {exception:?} at EL1: PC {:#x} (PSTATE {:#x}) -> vector {:#x} (VBAR_EL1 {:#x}), ESR_EL1 {:#x}",
+                vcpu.index,
+                from.pc,
+                from.pstate,
+                vcpu.context.registers.pc,
+                vcpu.context.el1.vbar_el1,
+                vcpu.context.el1.esr_el1
+            );
         }
         let control = GuestControl {
             hcr_el2: hcr::GUEST,
@@ -351,11 +387,28 @@ impl<H: El2Hardware> VcpuBackend for El2Backend<H> {
 
     fn inject_event(&mut self, _vcpu: &mut El2Vcpu, event: Event) -> Result<(), VcpuError> {
         log::error!(
-            "EL2: cannot inject {event:?}: exception injection into aarch64 guests is not implemented"
+            "EL2: cannot inject {event:?}: x86 events do not exist on aarch64 (Sluice injects Aarch64Exception)"
         );
         Err(VcpuError::Unsupported(
-            "exception injection into aarch64 guests",
+            "an x86 event on the Arm EL2 backend (aarch64 guests take an Aarch64Exception)",
         ))
+    }
+
+    /// Queued and taken at the next entry ([`inject::take_exception`]),
+    /// from the PSTATE and PC the vCPU has then. Checked now against its
+    /// current state so that a refusal comes here, not at the entry.
+    fn inject_aarch64_exception(
+        &mut self,
+        vcpu: &mut El2Vcpu,
+        exception: Aarch64Exception,
+    ) -> Result<(), VcpuError> {
+        if vcpu.pending.is_some() {
+            return Err(VcpuError::EventPending);
+        }
+        let mut trial = vcpu.context;
+        inject::take_exception(&mut trial, exception, &self.features.pstate)?;
+        vcpu.pending = Some(exception);
+        Ok(())
     }
 
     fn set_nested_root(&mut self, vcpu: &mut El2Vcpu, root: PhysAddr) -> Result<(), VcpuError> {

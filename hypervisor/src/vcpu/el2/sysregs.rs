@@ -134,6 +134,30 @@ pub const fn vttbr_value(root: u64, vmid: u16) -> u64 {
     (root & 0x0000_ffff_ffff_fffe) | ((vmid as u64) << 48)
 }
 
+/// ID register fields Sluice decodes besides `PARange` and `VMIDBits`
+/// (D19 "ID_AA64PFR1_EL1", "ID_AA64MMFR1_EL1", "ID_AA64MMFR2_EL1"): the
+/// shift of each 4-bit field.
+pub mod id {
+    pub const PFR1_BT_SHIFT: u32 = 0;
+    pub const PFR1_SSBS_SHIFT: u32 = 4;
+    pub const PFR1_MTE_SHIFT: u32 = 8;
+    pub const PFR1_NMI_SHIFT: u32 = 36;
+    pub const PFR1_GCS_SHIFT: u32 = 44;
+    pub const MMFR1_PAN_SHIFT: u32 = 20;
+    pub const MMFR2_UAO_SHIFT: u32 = 4;
+}
+
+/// `SCTLR_EL1` bits that decide PSTATE on exception entry to EL1 (D19
+/// "SCTLR_EL1").
+pub mod sctlr {
+    /// Set Privileged Access Never: 0 sets PSTATE.PAN on exception entry.
+    pub const SPAN: u64 = 1 << 23;
+    /// Default PSTATE.SSBS on exception entry.
+    pub const DSSBS: u64 = 1 << 44;
+    /// 0 sets PSTATE.ALLINT on exception entry (FEAT_NMI).
+    pub const SPINTMASK: u64 = 1 << 62;
+}
+
 /// `SCTLR_EL1` with the bits that are RES1 in Armv8.0 (29, 28, 23, 22,
 /// 20, 11) and everything else off: MMU, caches, alignment checks.
 pub const SCTLR_EL1_MMU_OFF: u64 =

@@ -468,6 +468,15 @@ mod tests {
             b.inject_event(&mut v, Event::Nmi),
             Err(VcpuError::EventPending)
         );
+        // An aarch64 exception is refused and leaves the #PF queued.
+        assert!(matches!(
+            b.inject_aarch64_exception(&mut v, crate::vcpu::Aarch64Exception::Undefined),
+            Err(VcpuError::Unsupported(_))
+        ));
+        assert_eq!(
+            v.vmcb().control.event_injection,
+            EventInjection::new(14, 3, Some(2))
+        );
         assert!(
             b.inject_event(&mut v, Event::Interrupt { vector: 3 })
                 .is_err()

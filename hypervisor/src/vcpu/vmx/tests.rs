@@ -281,6 +281,12 @@ fn injection_and_redelivery() {
         Err(VcpuError::EventPending)
     );
     assert_eq!(v.vmcs().read32(control32::ENTRY_EXCEPTION_ERROR_CODE), 2);
+    // An aarch64 exception is refused and leaves the #PF queued.
+    assert!(matches!(
+        b.inject_aarch64_exception(&mut v, crate::vcpu::Aarch64Exception::Undefined),
+        Err(VcpuError::Unsupported(_))
+    ));
+    assert_eq!(v.vmcs().read32(control32::ENTRY_INTERRUPTION_INFO), pf);
     // The #PF's delivery hits an EPT violation: it is queued again.
     b.run(&mut v).unwrap();
     assert_eq!(b.hardware().entries[0].1, pf);

@@ -411,6 +411,26 @@ fn msrs_get_a_general_protection_fault() {
 }
 
 #[test]
+fn aarch64_exits_on_an_x86_backend_stop_the_vm() {
+    // The x86 backend refuses aarch64 exceptions: never a silent resume.
+    let mut w = World::new(&[0x90]);
+    for exit in [
+        VcpuExit::UndefinedInstruction,
+        VcpuExit::SecureMonitorCall {
+            function: 0,
+            immediate: 0,
+        },
+    ] {
+        assert!(matches!(
+            w.handle(exit, UNKNOWN).0,
+            ExitAction::Stop(StopReason::Backend(VcpuError::Unsupported(_)))
+        ));
+    }
+    assert_eq!(w.vcpu.event, None);
+    assert_eq!(w.rip(), CODE);
+}
+
+#[test]
 fn hlt_wbinvd_and_the_rest() {
     let mut w = World::new(&[0xf4]);
     assert_eq!(w.handle(VcpuExit::Hlt, UNKNOWN).0, ExitAction::Halt);
@@ -495,7 +515,10 @@ mod aarch64 {
     use crate::vcpu::el2::{
         El2Backend, El2Features, El2Hardware, El2Vcpu, ExitSyndrome, GuestContext, GuestControl,
     };
-    use crate::vcpu::{Aarch64EntryState, Aarch64Registers, DecodedAccess, pstate};
+    use crate::vcpu::{
+        Aarch64EntryState, Aarch64Exception, Aarch64Registers, DecodedAccess, MsrAccess,
+        SystemRegisterAccess, SystemRegisterEncoding, pstate,
+    };
     use crate::vm::boot::aarch64_layout;
 
     struct NoWorldSwitch;
@@ -850,6 +873,77 @@ mod aarch64 {
             .0,
             ExitAction::Stop(StopReason::Backend(VcpuError::Unsupported(_)))
         ));
+        assert_eq!(w.x().pc, PC);
+    }
+
+    fn sysreg(encoding: SystemRegisterEncoding, register: u8, access: MsrAccess) -> VcpuExit {
+        VcpuExit::SystemRegister(SystemRegisterAccess {
+            encoding,
+            register,
+            access,
+        })
+    }
+
+    #[test]
+    fn trapped_accesses_sluice_does_not_emulate_are_undefined() {
+        for exit in [
+            sysreg(SystemRegisterEncoding::ACTLR_EL1, 3, MsrAccess::Read),
+            sysreg(SystemRegisterEncoding::CNTP_CTL_EL0, 31, MsrAccess::Write),
+            sysreg(
+                SystemRegisterEncoding::new(3, 0, 15, 2, 0),
+                0,
+                MsrAccess::Read,
+            ),
+            VcpuExit::SecureMonitorCall {
+                function: 0xc200_0000,
+                immediate: 0,
+            },
+            VcpuExit::UndefinedInstruction,
+        ] {
+            let mut w = ArmWorld::new();
+            let before = w.x();
+            let (a, _) = w.handle(exit, FOUR);
+            assert_eq!(a, ExitAction::Resume, "{exit:?}");
+            assert_eq!(
+                w.vcpu.pending_exception(),
+                Some(Aarch64Exception::Undefined),
+                "{exit:?}"
+            );
+            // Nothing skipped or written: the guest takes the exception at
+            // the instruction at its next entry.
+            assert_eq!(w.x(), before, "{exit:?}");
+            assert!(w.dispatcher.0.is_empty());
+            // A second one before that entry cannot be queued: the VM
+            // stops rather than lose one.
+            assert_eq!(
+                w.handle(exit, FOUR).0,
+                ExitAction::Stop(StopReason::Backend(VcpuError::EventPending))
+            );
+        }
+    }
+
+    #[test]
+    fn set_way_maintenance_stops_the_vm() {
+        let mut w = ArmWorld::new();
+        let dc = SystemRegisterAccess {
+            encoding: SystemRegisterEncoding::DC_CISW,
+            register: 4,
+            access: MsrAccess::Write,
+        };
+        let stop = w.handle(VcpuExit::SystemRegister(dc), FOUR).0;
+        assert_eq!(
+            stop,
+            ExitAction::Stop(StopReason::SetWayMaintenance {
+                rip: PC,
+                access: dc
+            })
+        );
+        let text = stop_text(&stop);
+        assert!(
+            text.contains("SYS S1_0_C7_C14_2 (DC CISW), X4") && text.contains("HCR_EL2.TSW"),
+            "{text}"
+        );
+        assert_eq!(w.vcpu.pending_exception(), None);
         assert_eq!(w.x().pc, PC);
     }
 
