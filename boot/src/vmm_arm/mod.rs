@@ -15,7 +15,7 @@ use alloc::format;
 use alloc::string::String;
 
 use sluice_hypervisor::iommufd::VmId;
-use sluice_hypervisor::vcpu::el2::{El2Backend, El2Features};
+use sluice_hypervisor::vcpu::el2::{El2Backend, El2Features, PstateFeatures};
 use sluice_hypervisor::vm::config::ValidVm;
 use sluice_hypervisor::vm::instance::{BuildInputs, build_aarch64};
 use sluice_iommu::pagetable::{IoPageTable, PageSize, TableConfig};
@@ -27,10 +27,13 @@ use crate::guest_runtime::{ArchRuntime, BareMetalVm, KernelFrames};
 use crate::pci::Pci;
 use hw::BareMetalEl2;
 
-/// The processor's stage-2 features.
+/// The processor's stage-2 features, and the PSTATE features exception
+/// entry to a guest's EL1 depends on.
 fn features() -> El2Features {
     let (mmfr0, mmfr1) = guest::memory_model_features();
+    let (pfr1, mmfr2) = guest::pstate_feature_registers();
     El2Features::from_id_registers(mmfr0, mmfr1)
+        .with_pstate_features(PstateFeatures::from_id_registers(pfr1, mmfr1, mmfr2))
 }
 
 /// aarch64 at EL2 with guests at EL1.
@@ -43,10 +46,11 @@ impl ArchRuntime for El2 {
         let hardware = BareMetalEl2::for_this_cpu().map_err(|e| format!("EL2: {e}"))?;
         let features = features();
         log::info!(
-            "EL2 on this CPU: {}-bit physical addresses, {}-bit VMIDs, guests get a {}-bit stage-2 space",
+            "EL2 on this CPU: {}-bit physical addresses, {}-bit VMIDs, guests get a {}-bit stage-2 space; exception entry features {:?}",
             features.physical_bits,
             features.vmid_bits,
-            sluice_hypervisor::vcpu::el2::IPA_BITS
+            sluice_hypervisor::vcpu::el2::IPA_BITS,
+            features.pstate
         );
         El2Backend::new(hardware, features).map_err(|e| format!("EL2 backend: {e}"))
     }

@@ -498,6 +498,13 @@ pub fn memory_model_features() -> (u64, u64) {
     )
 }
 
+/// `ID_AA64PFR1_EL1` and `ID_AA64MMFR2_EL1`: the PSTATE features exception
+/// entry depends on (BTI, SSBS, MTE, NMI, GCS; UAO). By their generic
+/// names (`S3_0_C0_C4_1`, `S3_0_C0_C7_2`), which every assembler accepts.
+pub fn pstate_feature_registers() -> (u64, u64) {
+    (read_sysreg!("s3_0_c0_c4_1"), read_sysreg!("s3_0_c0_c7_2"))
+}
+
 /// Why this CPU cannot run guests with this world switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestEntryError {
