@@ -10,7 +10,9 @@
 //!   the faults of every way DMA must be stopped; leaves a victim buffer
 //!   mapped for `attacker`;
 //! * `attacker` — DMA at the victim's IOVA and GPA faults;
-//! * `hostile` — hostile hypercall arguments get the documented errno.
+//! * `hostile` — hostile hypercall arguments get the documented errno
+//!   (and on aarch64, trapped instructions Sluice does not emulate are
+//!   UNDEFINED for the guest, which handles them and goes on).
 //!
 //! Output, on the console the start info names, one line per step:
 //! `GUEST-TEST <step> PASS` or `GUEST-TEST <step> FAIL <reason>`, then

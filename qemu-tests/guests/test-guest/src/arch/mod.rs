@@ -13,6 +13,9 @@
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
+/// aarch64: the EL1 vector table and the trapped-instruction probes.
+#[cfg(target_arch = "aarch64")]
+pub mod vectors;
 #[cfg(target_arch = "aarch64")]
 pub use aarch64::*;
 

@@ -3,6 +3,8 @@
 mod attacker;
 mod dma;
 mod hostile;
+#[cfg(target_arch = "aarch64")]
+mod trapped;
 
 use sluice_abi::{self as abi, fault_flags, fault_reason};
 
