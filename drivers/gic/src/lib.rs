@@ -33,5 +33,7 @@ extern crate alloc;
 pub mod dist;
 pub mod its;
 pub mod lpi;
+mod memory;
+pub mod redist;
 
 pub use lpi::{Lpi, LpiAllocator, LpiError};
