@@ -33,9 +33,18 @@
 pub mod caps;
 pub mod commands;
 pub mod error;
+pub mod model;
+mod queue;
 pub mod regs;
+pub mod unit;
+
+#[cfg(test)]
+mod tests;
 
 pub use caps::{ItsCaps, PageSizes, TableCaps, TyperBuilder};
 pub use commands::{ItsCommand, RdBase};
 pub use error::ItsError;
 pub use regs::{DOORBELL_OFFSET, ItsPageSize, TableType, doorbell_address};
+pub use unit::{
+    DeviceTableLayout, DeviceTableRequest, EventMapping, ItsConfig, ItsUnit, plan_device_table,
+};
