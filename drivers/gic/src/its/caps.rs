@@ -1,6 +1,6 @@
 //! GITS_TYPER, GITS_IIDR and GITS_PIDR2 folded once into [`ItsCaps`], the
 //! policy the rest of the driver reads (Arm IHI 0069, 12.19.13), and the
-//! GITS_BASER<n> probe that finds out what each table descriptor accepts
+//! `GITS_BASER<n>` probe that finds out what each table descriptor accepts
 //! (12.19.1).
 
 use core::fmt;
@@ -147,7 +147,7 @@ impl fmt::Display for Summary<'_> {
     }
 }
 
-/// A set of GITS_BASER<n> page sizes.
+/// A set of `GITS_BASER<n>` page sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PageSizes(u8);
 
@@ -172,13 +172,13 @@ impl PageSizes {
     }
 }
 
-/// What one implemented GITS_BASER<n> describes and accepts, found by
+/// What one implemented `GITS_BASER<n>` describes and accepts, found by
 /// writing each choice and reading it back (12.19.1: Page_Size "might be
 /// RO" when only one size is supported, Indirect is RAZ/WI when only flat
 /// tables are).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableCaps {
-    /// n of GITS_BASER<n>.
+    /// n of `GITS_BASER<n>`.
     pub index: usize,
     pub kind: TableType,
     /// Entry_Size + 1: bytes per table entry.
@@ -241,7 +241,7 @@ impl TableCaps {
     }
 }
 
-/// Probes every GITS_BASER<n> (same constraints as [`TableCaps::probe`]).
+/// Probes every `GITS_BASER<n>` (same constraints as [`TableCaps::probe`]).
 pub fn probe_tables(mmio: &dyn Mmio) -> [Option<TableCaps>; regs::BASER_COUNT] {
     core::array::from_fn(|n| TableCaps::probe(mmio, n))
 }

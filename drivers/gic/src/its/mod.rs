@@ -4,7 +4,7 @@
 //! * [`regs`]: the register map, bit fields, GITS_TRANSLATER's offset and
 //!   [`doorbell_address`];
 //! * [`caps`]: GITS_TYPER decoded once into [`ItsCaps`], and the
-//!   write-then-read-back probe of every GITS_BASER<n> ([`TableCaps`]);
+//!   write-then-read-back probe of every `GITS_BASER<n>` ([`TableCaps`]);
 //! * [`commands`]: 32-byte commands ([`ItsCommand`]) with their
 //!   constructors and decoding, and [`RdBase`] (processor number or
 //!   address, per GITS_TYPER.PTA);

@@ -8,10 +8,10 @@
 //!
 //! * GITS_CTLR.Quiescent is 0 while the ITS is enabled and for a
 //!   configurable number of reads after it is disabled (or forever);
-//!   GITS_BASER<n>/GITS_CBASER written while it is enabled or not
+//!   `GITS_BASER<n>`/GITS_CBASER written while it is enabled or not
 //!   quiescent are flagged ([`ItsModel::violations`]) — UNPREDICTABLE on
 //!   hardware (12.19.1-2). Writing GITS_CBASER clears GITS_CREADR;
-//! * each GITS_BASER<n> keeps Type and Entry_Size read-only, accepts only
+//! * each `GITS_BASER<n>` keeps Type and Entry_Size read-only, accepts only
 //!   the page sizes and the Indirect bit the configuration allows (the
 //!   way probing finds them), and Shareability only on a snooping ITS;
 //! * writing GITS_CWRITER while enabled runs the queue: every command is
@@ -43,7 +43,7 @@ use super::regs::{self, ItsPageSize, TableType, baser, cbaser, ctlr, queue};
 use crate::lpi::Lpi;
 use crate::redist::model::{Delivery, RedistModel};
 
-/// One GITS_BASER<n> of the model.
+/// One `GITS_BASER<n>` of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelTable {
     pub kind: TableType,
@@ -449,7 +449,7 @@ impl<'m> ItsModel<'m> {
 
     // ---- tables in memory -----------------------------------------------------
 
-    /// The valid GITS_BASER<n> describing `kind`, with its entry size.
+    /// The valid `GITS_BASER<n>` describing `kind`, with its entry size.
     fn table(&self, st: &State, kind: TableType) -> Option<(u64, u32)> {
         self.config
             .tables

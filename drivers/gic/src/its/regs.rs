@@ -28,9 +28,9 @@ pub const CWRITER: Reg64<ReadWrite> = Reg64::new(0x0088);
 /// GITS_CREADR, where the ITS reads the next command (12.19.4).
 pub const CREADR: Reg64<ReadOnly> = Reg64::new(0x0090);
 /// GITS_BASER0, the first of eight translation table descriptors
-/// (12.19.1); use [`baser`] for the others.
+/// (12.19.1); use [`baser()`] for the others.
 pub const BASER0: Reg64<ReadWrite> = Reg64::new(0x0100);
-/// Number of GITS_BASER<n> registers an ITS may implement (12.19.1:
+/// Number of `GITS_BASER<n>` registers an ITS may implement (12.19.1:
 /// "a maximum of 8"; unimplemented ones are RES0).
 pub const BASER_COUNT: usize = 8;
 /// GITS_PIDR2, peripheral ID 2: ArchRev in bits 7:4 (12.19.10, 12.1.2).
@@ -105,7 +105,7 @@ pub mod typer {
     pub const INV: u64 = 1 << 46;
 }
 
-/// Inner cacheability encodings shared by GITS_CBASER, GITS_BASER<n> and
+/// Inner cacheability encodings shared by GITS_CBASER, `GITS_BASER<n>` and
 /// the redistributor's PROPBASER/PENDBASER (12.19.1-2, 12.11.x).
 pub mod cache {
     /// Device-nGnRnE.
@@ -152,7 +152,7 @@ pub mod queue {
     pub const COMMAND_BYTES: u64 = 32;
 }
 
-/// GITS_BASER<n> fields (12.19.1).
+/// `GITS_BASER<n>` fields (12.19.1).
 pub mod baser {
     pub const VALID: u64 = 1 << 63;
     /// Indirect: two-level table (RAZ/WI when only flat tables exist for
@@ -169,8 +169,8 @@ pub mod baser {
     pub const ENTRY_SIZE_SHIFT: u32 = 48;
     pub const ENTRY_SIZE_MASK: u64 = 0x1f;
     /// Physical_Address, bits 47:12 for 4 KiB and 16 KiB pages; with
-    /// 64 KiB pages bits 47:16 hold PA[47:16] and bits 15:12 hold
-    /// PA[51:48].
+    /// 64 KiB pages bits 47:16 hold `PA[47:16]` and bits 15:12 hold
+    /// `PA[51:48]`.
     pub const ADDR_MASK: u64 = 0x0000_ffff_ffff_f000;
     /// Shareability, bits 11:10.
     pub const SHAREABILITY_SHIFT: u32 = 10;
@@ -207,7 +207,7 @@ pub mod baser {
     }
 }
 
-/// What a GITS_BASER<n> describes (its Type field, 12.19.1).
+/// What a `GITS_BASER<n>` describes (its Type field, 12.19.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableType {
     /// 0b000: not implemented.
@@ -252,7 +252,7 @@ impl TableType {
     }
 }
 
-/// GITS_BASER<n>.Page_Size (12.19.1).
+/// `GITS_BASER<n>`.Page_Size (12.19.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ItsPageSize {
     Size4K,

@@ -166,12 +166,12 @@ impl<'a> ItsUnit<'a> {
     // ---- ownership ------------------------------------------------------------
 
     /// Takes control of the ITS (IHI 0069, 5.2 "The ITS" and 12.19:
-    /// GITS_BASER<n> and GITS_CBASER may only change while GITS_CTLR.Enabled
+    /// `GITS_BASER<n>` and GITS_CBASER may only change while GITS_CTLR.Enabled
     /// = 0 and Quiescent = 1):
     ///
     /// 1. whatever firmware left, Enabled is cleared and Quiescent awaited,
     ///    so the ITS stops translating through tables Sluice does not own;
-    /// 2. every GITS_BASER<n> is probed (and left invalid);
+    /// 2. every `GITS_BASER<n>` is probed (and left invalid);
     /// 3. a command queue (one page, 128 commands), the device table
     ///    (see [`DeviceTableRequest`]) and, unless GITS_TYPER.HCC holds
     ///    every collection, a collection table are allocated and programmed;
@@ -480,7 +480,7 @@ impl<'a> ItsUnit<'a> {
         })
     }
 
-    /// Programs one GITS_BASER<n> and checks it kept the values. Returns
+    /// Programs one `GITS_BASER<n>` and checks it kept the values. Returns
     /// whether its Shareability stayed shareable (the ITS snoops).
     fn program_baser(
         hw: &Hw<'_>,
@@ -541,7 +541,7 @@ impl<'a> ItsUnit<'a> {
         &self.caps
     }
 
-    /// What each GITS_BASER<n> accepted when probed.
+    /// What each `GITS_BASER<n>` accepted when probed.
     pub const fn table_caps(&self) -> &[Option<TableCaps>; regs::BASER_COUNT] {
         &self.tables
     }
@@ -716,7 +716,8 @@ impl<'a> ItsUnit<'a> {
         }
     }
 
-    /// Sends raw commands and a SYNC to `rd`, and waits for them.
+    /// Sends a SYNC to `rd` and waits until the ITS has consumed it: every
+    /// earlier command's effect on that redistributor is then visible.
     pub fn sync(&mut self, rd: RdBase) -> Result<(), ItsError> {
         if !rd.fits(self.caps.pta) {
             return Err(ItsError::WrongTarget(rd));

@@ -251,3 +251,38 @@ fn a_stall_before_any_collection_is_mapped_is_replaced_harmlessly() {
     assert!(matches!(its.msi_write(DEV_A, 0), MsiOutcome::Dropped(_)));
     assert!(matches!(its.msi_write(DEV_A, 1), MsiOutcome::Dropped(_)));
 }
+
+#[test]
+fn an_its_that_ignores_bad_commands_cannot_report_them() {
+    // IHI 0069 leaves the response to a command error IMPLEMENTATION
+    // DEFINED: stall, or ignore the command and go on (what QEMU does for
+    // bad parameters). An ignoring ITS gives software no sign, which is
+    // why the driver checks every request against its own record and the
+    // ITS's limits before sending anything. This pins that limit down.
+    let mem = ModelMemory::new();
+    let redist = RedistModel::qemu(&mem, 1);
+    let (_tables, rds) = lpis_on(&redist, &mem);
+    let mut cfg = ItsModelConfig::qemu_7_2();
+    cfg.stall_on_error = false;
+    let its = ItsModel::new(&mem, &redist, cfg);
+    let clock = clock();
+    let mut unit = take(&its, &mem, &clock);
+    map_collections(&mut unit, &rds, redist.base());
+    unit.map_device(DEV_A, 1).unwrap();
+    its.fail_next(opcode::MAPTI);
+    assert_eq!(unit.map_event(DEV_A, 0, lpi(8192), 0), Ok(()));
+    assert!(
+        its.events()
+            .iter()
+            .any(|e| matches!(e, ItsModelEvent::Refused { stalled: false, .. }))
+    );
+    // The record says mapped; the ITS drops the MSI. Unmapping (DISCARD
+    // of an unmapped event, ignored too) brings both back in line.
+    assert!(unit.translate(DEV_A, 0).is_some());
+    assert_eq!(
+        its.msi_write(DEV_A, 0),
+        MsiOutcome::Dropped(DropReason::UnmappedEvent)
+    );
+    unit.unmap_event(DEV_A, 0).unwrap();
+    assert!(unit.translate(DEV_A, 0).is_none());
+}
