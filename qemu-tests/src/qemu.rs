@@ -602,9 +602,10 @@ mod tests {
         assert_eq!(demo.cmdline, BootRequest::demo(Arch::X86_64).cmdline);
     }
 
-    #[test]
-    fn aarch64_demo_prepares_its_disk_and_command_line() {
-        let dir = std::env::temp_dir().join(format!("sluice-demo-test-{}", std::process::id()));
+    /// A fresh directory named after `name` with a fake Sluice binary and
+    /// fake firmware images in it.
+    fn fake_boot_files(name: &str) -> (std::path::PathBuf, std::path::PathBuf, Firmware) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let efi = dir.join("sluice-boot.efi");
@@ -615,6 +616,12 @@ mod tests {
         };
         fs::write(&firmware.code, vec![0xaa; 4096]).unwrap();
         fs::write(&firmware.vars_template, vec![0x55; 4096]).unwrap();
+        (dir, efi, firmware)
+    }
+
+    #[test]
+    fn aarch64_demo_prepares_its_disk_and_command_line() {
+        let (dir, efi, firmware) = fake_boot_files("sluice-demo-test");
         let guest = dir.join("built-guest");
         fs::write(&guest, b"\x7fELF aarch64 guest").unwrap();
         let mut demo = BootRequest::demo(Arch::Aarch64);
@@ -699,17 +706,7 @@ mod tests {
 
     #[test]
     fn lays_out_the_esp_and_pads_flash() {
-        let dir = std::env::temp_dir().join(format!("sluice-esp-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let efi = dir.join("sluice-boot.efi");
-        fs::write(&efi, b"MZ fake").unwrap();
-        let firmware = Firmware {
-            code: dir.join("CODE.fd"),
-            vars_template: dir.join("VARS.fd"),
-        };
-        fs::write(&firmware.code, vec![0xaa; 4096]).unwrap();
-        fs::write(&firmware.vars_template, vec![0x55; 4096]).unwrap();
+        let (dir, efi, firmware) = fake_boot_files("sluice-esp-test");
         let target = dir.join("target");
 
         let disk = prepare_boot_disk(
