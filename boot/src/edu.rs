@@ -22,6 +22,15 @@ pub const DEVICE_BUFFER: u64 = 0x40000;
 pub const MAX_TRANSFER: u64 = 2048;
 
 const IDENTIFICATION: Reg32<ReadOnly> = Reg32::new(0x00);
+/// Interrupt status (bits raised and not acknowledged), raise (ORs into
+/// the status and signals the interrupt: an MSI when MSI is enabled) and
+/// acknowledge (clears status bits).
+#[cfg(target_arch = "aarch64")]
+const INTERRUPT_STATUS: Reg32<ReadOnly> = Reg32::new(0x24);
+#[cfg(target_arch = "aarch64")]
+const INTERRUPT_RAISE: Reg32<ReadWrite> = Reg32::new(0x60);
+#[cfg(target_arch = "aarch64")]
+const INTERRUPT_ACK: Reg32<ReadWrite> = Reg32::new(0x64);
 const LIVENESS: Reg32<ReadWrite> = Reg32::new(0x04);
 const DMA_SOURCE: Reg64<ReadWrite> = Reg64::new(0x80);
 const DMA_DESTINATION: Reg64<ReadWrite> = Reg64::new(0x88);
@@ -71,6 +80,17 @@ impl Edu {
             ));
         }
         Ok(edu)
+    }
+
+    /// Raises the device's interrupt with status `bits`: edu signals it at
+    /// once, as one MSI write when MSI is enabled. Whatever was pending is
+    /// acknowledged first, so the status names this raise only. (Only the
+    /// aarch64 ITS scenario raises edu interrupts so far.)
+    #[cfg(target_arch = "aarch64")]
+    pub fn raise_interrupt(&self, bits: u32) {
+        let pending = INTERRUPT_STATUS.read(&self.registers);
+        INTERRUPT_ACK.write(&self.registers, pending);
+        INTERRUPT_RAISE.write(&self.registers, bits);
     }
 
     /// Runs one DMA transfer of `count` bytes between `address` (a DMA

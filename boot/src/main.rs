@@ -12,6 +12,10 @@ mod edu;
 mod guest_runtime;
 #[cfg(all(target_os = "uefi", target_arch = "x86_64"))]
 mod iommu_owner;
+#[cfg(all(target_os = "uefi", target_arch = "aarch64"))]
+mod its_msi;
+#[cfg(all(target_os = "uefi", target_arch = "aarch64"))]
+mod its_owner;
 #[cfg(target_os = "uefi")]
 mod pci;
 #[cfg(target_os = "uefi")]

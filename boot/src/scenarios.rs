@@ -90,6 +90,12 @@ const SCENARIOS: &[Scenario] = &[
     },
     #[cfg(target_arch = "aarch64")]
     Scenario {
+        name: "its-msi",
+        what: "every GIC ITS taken over; edu MSIs go through the SMMU to the ITS doorbell and raise exactly the LPIs Sluice mapped for their DeviceID",
+        run: crate::its_msi::run,
+    },
+    #[cfg(target_arch = "aarch64")]
+    Scenario {
         name: "smmu-ownership",
         what: "every SMMUv3 of the IORT taken over at once: every edu behind one blocked with its own StreamID, edus behind none reported uncovered",
         run: crate::smmu_owner::scenario,
@@ -329,6 +335,31 @@ pub fn first_edu(
         .functions()
         .find(|f| crate::edu::is_edu(f))
         .ok_or("no edu device on this board")?;
+    Ok((open_edu(pci, function)?, function.addr))
+}
+
+/// Every edu of the board, in enumeration order, memory and bus mastering
+/// on.
+#[cfg_attr(
+    not(target_arch = "aarch64"),
+    expect(
+        dead_code,
+        reason = "only the aarch64 ITS scenario drives two edus from the host"
+    )
+)]
+pub fn all_edus(
+    pci: &crate::pci::Pci,
+) -> Result<Vec<(crate::edu::Edu, sluice_pci::PciAddress)>, String> {
+    pci.functions()
+        .filter(|f| crate::edu::is_edu(f))
+        .map(|f| Ok((open_edu(pci, f)?, f.addr)))
+        .collect()
+}
+
+fn open_edu(
+    pci: &crate::pci::Pci,
+    function: &sluice_pci::Function,
+) -> Result<crate::edu::Edu, String> {
     let bar0 = function
         .bars
         .iter()
@@ -336,8 +367,7 @@ pub fn first_edu(
         .ok_or_else(|| format!("edu {} has no assigned BAR 0", function.addr))?;
     pci.enable_memory_and_bus_master(function.addr)?;
     // SAFETY: BAR 0 of an edu function is its register block.
-    let edu = unsafe { crate::edu::Edu::new(bar0.address, bar0.size)? };
-    Ok((edu, function.addr))
+    unsafe { crate::edu::Edu::new(bar0.address, bar0.size) }
 }
 
 fn edu_dma(platform: &Platform) -> Outcome {

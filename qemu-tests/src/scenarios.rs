@@ -217,6 +217,16 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: EDU,
         ..Scenario::DEFAULT
     },
+    // GIC ITS ownership (aarch64): two edus' MSIs go through the SMMU to
+    // the ITS doorbell; only the (DeviceID, EventID) Sluice mapped raise
+    // an LPI, each its own, and a stray MSI IOVA is an SMMU fault.
+    Scenario {
+        name: "its-msi",
+        arches: &[Arch::Aarch64],
+        cmdline: "test=its-msi",
+        qemu_args: WIDE_EDUS,
+        ..Scenario::DEFAULT
+    },
     // Boot-time ownership of every SMMUv3 (aarch64): the edu on bus 0 is
     // blocked with its own StreamID; edus on buses the IORT sends past the
     // SMMU are reported uncovered.

@@ -10,14 +10,16 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use log::warn;
+use sluice_hal::PhysAddr;
 use sluice_hypervisor::iommufd::smmu_backend::{SmmuBackend, SmmuDevice};
 use sluice_hypervisor::iommufd::{ARM_SW_MSI_WINDOW, MsiWindow, VmConfig};
 use sluice_hypervisor::vm::instance::device_id;
 use sluice_kernel::platform::Platform;
+use sluice_kernel::println;
 use sluice_pci::PciAddress;
 
 use crate::guest_runtime::{EcamReset, Machine, MsiRouting};
-use crate::pci::Pci;
+use crate::pci::{IommuMap, Pci};
 use crate::smmu_owner::OwnedSmmus;
 
 /// The machine, over its SMMUs.
@@ -29,7 +31,7 @@ pub type SmmuMachine = Machine<SmmuBackend<'static>>;
 fn smmu_backend(
     owned: OwnedSmmus,
     pci: &'static Pci,
-) -> (SmmuBackend<'static>, BTreeSet<PciAddress>) {
+) -> (SmmuBackend<'static>, BTreeMap<PciAddress, u32>) {
     let mut backend = SmmuBackend::new();
     backend.set_function_reset(Box::new(EcamReset {
         ecam: &pci.ecam,
@@ -45,7 +47,7 @@ fn smmu_backend(
     for unit in owned.units {
         unit_index.push(backend.add_unit(unit.unit));
     }
-    let mut registered = BTreeSet::new();
+    let mut registered = BTreeMap::new();
     for (&addr, &(unit, stream_id)) in &owned.device_unit {
         if rmr.contains(&addr) {
             warn!("pci {addr}: named by an RMR; it stays with the host and cannot be assigned");
@@ -68,7 +70,7 @@ fn smmu_backend(
         };
         match backend.add_device(device_id(addr), desc) {
             Ok(()) => {
-                registered.insert(addr);
+                registered.insert(addr, unit);
             }
             Err(e) => warn!("pci {addr}: cannot be assigned: {e:?}"),
         }
@@ -76,10 +78,60 @@ fn smmu_backend(
     (backend, registered)
 }
 
-/// Brings PCI and every SMMU under Sluice's control and validates the
-/// `vm=` words against what was found (see [`Machine::new`]). Every VM
-/// gets `vm_config` in the object model.
-pub fn prepare(platform: &'static Platform, vm_config: VmConfig) -> Result<SmmuMachine, String> {
+/// MSI isolation for the registered functions (by backend unit): every
+/// ITS taken over, each function's doorbell page from the ITS the IORT
+/// sends its MSIs to. A unit is isolated when every function behind it
+/// signals an owned ITS; the backend is told so, per unit.
+fn isolate_msis(
+    platform: &'static Platform,
+    map: &IommuMap,
+    backend: &mut SmmuBackend<'static>,
+    registered: &BTreeMap<PciAddress, u32>,
+) -> (BTreeMap<PciAddress, PhysAddr>, bool) {
+    let gic = match crate::its_owner::take_ownership(platform) {
+        Ok(gic) => gic,
+        Err(e) => {
+            warn!("gic: {e}; device MSIs cannot be isolated");
+            return (BTreeMap::new(), false);
+        }
+    };
+    let pages = gic.doorbell_pages();
+    let mut doorbells = BTreeMap::new();
+    let mut unisolated = BTreeSet::new();
+    for d in map.per_segment.iter().flat_map(|a| &a.devices) {
+        let Some(&unit) = registered.get(&d.addr) else {
+            continue;
+        };
+        match d.its_id.and_then(|id| pages.get(&id)) {
+            Some(&page) => {
+                doorbells.insert(d.addr, page);
+            }
+            None => {
+                warn!(
+                    "pci {}: its MSIs reach no ITS Sluice owns; SMMU unit {unit} cannot isolate MSIs",
+                    d.addr
+                );
+                unisolated.insert(unit);
+            }
+        }
+    }
+    let units: BTreeSet<u32> = registered.values().copied().collect();
+    for &unit in &units {
+        backend.set_msi_isolation(unit, !pages.is_empty() && !unisolated.contains(&unit));
+    }
+    // Sluice keeps the ITSes for good: their tables must outlive any
+    // mapping a device could use.
+    Box::leak(Box::new(gic));
+    (doorbells, !pages.is_empty() && unisolated.is_empty())
+}
+
+/// Brings PCI, every SMMU and every GIC ITS under Sluice's control and
+/// validates the `vm=` words against what was found (see
+/// [`Machine::new`]). Where every assignable function's MSIs go to an ITS
+/// Sluice owns, the VMs need nothing more; otherwise they are declared
+/// with `allow_unsafe_interrupts` (said on the console, warned per device
+/// bound), the iommufd answer to an IOMMU that cannot isolate MSIs.
+pub fn prepare(platform: &'static Platform) -> Result<SmmuMachine, String> {
     let acpi = platform
         .acpi
         .as_ref()
@@ -87,13 +139,27 @@ pub fn prepare(platform: &'static Platform, vm_config: VmConfig) -> Result<SmmuM
     let pci: &'static Pci = Box::leak(Box::new(crate::pci::discover(acpi)?));
     let map = crate::pci::associate(acpi, pci)?;
     let owned = crate::smmu_owner::take_ownership(platform, &map)?;
-    let (backend, registered) = smmu_backend(owned, pci);
+    let (mut backend, registered) = smmu_backend(owned, pci);
+    let (doorbells, isolated) = isolate_msis(platform, &map, &mut backend, &registered);
+    let vm_config = if isolated {
+        println!("  MSIs: every ITS is Sluice's; devices raise only the interrupts Sluice maps");
+        VmConfig::default()
+    } else {
+        println!(
+            "  MSIs: not every device signals an ITS Sluice owns; the VMs bind their devices with allow_unsafe_interrupts"
+        );
+        VmConfig {
+            allow_unsafe_interrupts: true,
+            ..VmConfig::default()
+        }
+    };
     // On Arm an MSI is a write the SMMU translates like any other, to the
-    // ITS doorbell: the software-managed window is reserved for the
-    // doorbell pages the object model maps.
+    // ITS doorbell: the software-managed window holds the doorbell pages
+    // the object model maps.
     let msi = MsiRouting {
         window: Some(MsiWindow::SoftwareManaged(ARM_SW_MSI_WINDOW)),
-        doorbells: BTreeMap::new(),
+        doorbells,
     };
+    let registered: BTreeSet<PciAddress> = registered.into_keys().collect();
     Machine::new(platform, pci, &map, backend, &registered, msi, vm_config)
 }
