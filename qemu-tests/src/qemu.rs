@@ -435,9 +435,8 @@ impl BootRequest {
     /// by a `test=` word. The boards differ where the architectures do:
     /// x86_64 turns interrupt remapping on (binding needs isolated MSIs)
     /// and keeps edu's default 28-bit DMA mask (the guests' addresses sit
-    /// below 256 MiB); aarch64's SMMUv3 has no properties (how its VMs bind
-    /// while their MSIs are not isolated is the boot side's choice,
-    /// `boot/src/vmm_arm/scenario.rs`), and its edus get a 64-bit DMA mask
+    /// below 256 MiB); aarch64's SMMUv3 has no properties (MSI isolation
+    /// comes from the GIC ITS Sluice takes over), and its edus get a 64-bit DMA mask
     /// because virt's RAM, and with it the victim's GPAs the attacker aims
     /// at, starts at 1 GiB.
     pub fn demo(arch: Arch) -> BootRequest {

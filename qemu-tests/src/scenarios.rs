@@ -303,9 +303,9 @@ pub const GUESTS_X86: Scenario = Scenario {
 /// on its own CPU with its edu behind the SMMUv3: `victim` runs the whole
 /// dma life cycle, `attacker` aims its edu at the victim's IOVA and GPA;
 /// Sluice checks every step and the victim's buffer from the host. MSIs are
-/// not isolated on aarch64 yet (no ITS driver), so this scenario's VMs bind
-/// with allow_unsafe_interrupts, logged per device. The aarch64 demo boots
-/// this board (see [`guests_scenario`]).
+/// isolated by the GIC ITS Sluice owns, so the VMs bind without
+/// allow_unsafe_interrupts. The aarch64 demo boots this board (see
+/// [`guests_scenario`]).
 pub const GUESTS_AARCH64: Scenario = Scenario {
     name: "el2-guests",
     arches: &[Arch::Aarch64],

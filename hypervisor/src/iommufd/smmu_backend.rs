@@ -39,11 +39,14 @@
 //!   an MSI is a write to the GIC ITS doorbell, and the ITS maps it by the
 //!   DeviceID the IORT gives the device, which the device cannot forge:
 //!   isolation comes from an ITS whose device table holds only the
-//!   DeviceIDs and events Sluice set up, not from the SMMU. Sluice has no
-//!   ITS driver yet, so the backend reports false until the boot code that
-//!   programs the ITS says so with [`SmmuBackend::set_msi_isolation`]; the
-//!   object model then refuses to bind such devices unless the VM allows
-//!   unsafe interrupts.
+//!   DeviceIDs and events Sluice set up, not from the SMMU. The backend
+//!   reports false until the boot code, having taken every ITS the unit's
+//!   devices signal over (`boot/src/its_owner.rs`, `sluice_gic`), says so
+//!   with [`SmmuBackend::set_msi_isolation`]; until then the object model
+//!   refuses to bind such devices unless the VM allows unsafe interrupts.
+//!   The MSI write itself is DMA this SMMU translates: the object model
+//!   maps each device's doorbell page into its HWPT through Arm's
+//!   software-managed MSI window (`MsiWindow::SoftwareManaged`).
 //! * `scalable_mode` is substream support (IDR1.SSIDSIZE > 0, with stage
 //!   1), and `max_pasid_log2` the SubstreamID bits the driver's CD tables
 //!   cover.
