@@ -48,7 +48,10 @@ impl Pci {
     /// at +8 otherwise).
     #[cfg_attr(
         not(target_arch = "aarch64"),
-        expect(dead_code, reason = "only the aarch64 ITS scenario programs MSIs so far")
+        expect(
+            dead_code,
+            reason = "only the aarch64 ITS scenario programs MSIs so far"
+        )
     )]
     pub fn enable_msi(&self, addr: PciAddress, address: u64, data: u16) -> Result<(), String> {
         let function = self
