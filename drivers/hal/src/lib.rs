@@ -10,11 +10,13 @@
 
 extern crate alloc;
 
+pub mod access;
 pub mod clock;
 pub mod dma;
 pub mod mmio;
 pub mod model;
 
+pub use access::DeviceAccess;
 pub use clock::{Clock, Timeout, poll_until};
 pub use dma::{DmaAllocError, DmaMemory, PAGE_SIZE, PhysAddr};
 pub use mmio::{Mmio, ReadOnly, ReadWrite, Reg32, Reg64, WriteOnly};

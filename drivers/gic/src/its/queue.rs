@@ -11,35 +11,32 @@
 
 use alloc::vec::Vec;
 
-use sluice_hal::{Clock, DmaMemory, Mmio, PhysAddr, Timeout, poll_until};
+use sluice_hal::{DeviceAccess, PhysAddr, Timeout, poll_until};
 
 use super::commands::ItsCommand;
 use super::error::ItsError;
 use super::regs::{self, queue};
 
-/// What every wait and every queue write needs.
+/// What every wait and every queue write needs: the ITS's
+/// [`DeviceAccess`] (coherent: its Shareability fields kept a shareable
+/// value) and its index for logs.
 #[derive(Clone, Copy)]
 pub(super) struct Hw<'a> {
-    pub mmio: &'a dyn Mmio,
-    pub mem: &'a dyn DmaMemory,
-    pub clock: &'a dyn Clock,
-    pub timeout_ns: u64,
-    /// Whether the ITS's memory accesses snoop CPU caches (its
-    /// Shareability fields kept a shareable value); when not, every write
-    /// it reads is cleaned first.
-    pub coherent: bool,
+    pub access: DeviceAccess<'a>,
     pub index: u32,
 }
 
-impl Hw<'_> {
-    pub fn flush(&self, addr: PhysAddr, len: u64) {
-        if !self.coherent {
-            self.mem.flush_for_device(addr, len);
-        }
+impl<'a> core::ops::Deref for Hw<'a> {
+    type Target = DeviceAccess<'a>;
+    fn deref(&self) -> &DeviceAccess<'a> {
+        &self.access
     }
+}
 
-    pub fn wait(&self, what: &'static str, mut done: impl FnMut() -> bool) -> Result<(), ItsError> {
-        poll_until(self.clock, self.timeout_ns, || done().then_some(()))
+impl Hw<'_> {
+    pub fn wait(&self, what: &'static str, done: impl FnMut() -> bool) -> Result<(), ItsError> {
+        self.access
+            .wait_until(done)
             .map_err(|Timeout { waited_ns }| ItsError::Timeout { what, waited_ns })
     }
 }

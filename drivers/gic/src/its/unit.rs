@@ -7,7 +7,7 @@
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
-use sluice_hal::{Clock, DmaMemory, Mmio, PAGE_SIZE, PhysAddr};
+use sluice_hal::{Clock, DeviceAccess, DmaMemory, Mmio, PAGE_SIZE, PhysAddr};
 
 use super::caps::{ItsCaps, TableCaps, probe_tables};
 use super::commands::{ItsCommand, RdBase};
@@ -197,11 +197,13 @@ impl<'a> ItsUnit<'a> {
         );
         Self::check(&caps, &config)?;
         let hw = Hw {
-            mmio,
-            mem,
-            clock,
-            timeout_ns: config.timeout_ns,
-            coherent: true,
+            access: DeviceAccess {
+                mmio,
+                mem,
+                clock,
+                timeout_ns: config.timeout_ns,
+                coherent: true,
+            },
             index: config.index,
         };
         Self::disable(&hw)?;
@@ -437,7 +439,7 @@ impl<'a> ItsUnit<'a> {
                 "its{}: the ITS does not snoop CPU caches; its memory is cleaned on every write",
                 config.index
             );
-            hw.coherent = false;
+            hw.access.coherent = false;
             for b in &bringup.blocks {
                 hw.mem.flush_for_device(b.start, b.bytes());
             }
@@ -665,11 +667,13 @@ impl<'a> ItsUnit<'a> {
 
     fn hw(&self) -> Hw<'a> {
         Hw {
-            mmio: self.mmio,
-            mem: self.mem,
-            clock: self.clock,
-            timeout_ns: self.config.timeout_ns,
-            coherent: self.coherent,
+            access: DeviceAccess {
+                mmio: self.mmio,
+                mem: self.mem,
+                clock: self.clock,
+                timeout_ns: self.config.timeout_ns,
+                coherent: self.coherent,
+            },
             index: self.config.index,
         }
     }

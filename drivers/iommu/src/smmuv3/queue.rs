@@ -9,44 +9,36 @@
 
 use alloc::vec::Vec;
 
-use sluice_hal::{Clock, DmaMemory, Mmio, PhysAddr, poll_until};
+use sluice_hal::{DeviceAccess, PhysAddr};
 
 use super::commands::{Command, SyncSignal};
 use super::error::{CommandErrorKind, SmmuError};
 use super::events::EventRecord;
 use super::regs::{self, gerror, queue};
 
-/// What every wait and every table write needs.
+/// What every wait and every table write needs: the SMMU's
+/// [`DeviceAccess`] (coherent: IDR0.COHACC) and its index for logs.
 #[derive(Clone, Copy)]
 pub(super) struct Hw<'a> {
-    pub mmio: &'a dyn Mmio,
-    pub mem: &'a dyn DmaMemory,
-    pub clock: &'a dyn Clock,
-    pub timeout_ns: u64,
-    /// IDR0.COHACC: when false every write the SMMU reads is cleaned.
-    pub coherent: bool,
+    pub access: DeviceAccess<'a>,
     pub index: u32,
 }
 
-impl Hw<'_> {
-    /// Makes CPU writes visible to a non-coherent SMMU.
-    pub fn flush(&self, addr: PhysAddr, len: u64) {
-        if !self.coherent {
-            self.mem.flush_for_device(addr, len);
-        }
+impl<'a> core::ops::Deref for Hw<'a> {
+    type Target = DeviceAccess<'a>;
+    fn deref(&self) -> &DeviceAccess<'a> {
+        &self.access
     }
+}
 
-    pub fn wait(
-        &self,
-        what: &'static str,
-        mut done: impl FnMut() -> bool,
-    ) -> Result<(), SmmuError> {
-        poll_until(self.clock, self.timeout_ns, || done().then_some(())).map_err(|t| {
-            SmmuError::Timeout {
+impl Hw<'_> {
+    pub fn wait(&self, what: &'static str, done: impl FnMut() -> bool) -> Result<(), SmmuError> {
+        self.access
+            .wait_until(done)
+            .map_err(|t| SmmuError::Timeout {
                 what,
                 waited_ns: t.waited_ns,
-            }
-        })
+            })
     }
 }
 

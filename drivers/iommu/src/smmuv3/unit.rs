@@ -7,7 +7,7 @@
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
-use sluice_hal::{Clock, DmaMemory, Mmio, PAGE_SIZE, PhysAddr};
+use sluice_hal::{Clock, DeviceAccess, DmaMemory, Mmio, PAGE_SIZE, PhysAddr};
 
 use super::caps::{SmmuCapabilities, oas_encoding_for};
 use super::commands::{Command, TlbiRange};
@@ -460,11 +460,13 @@ impl<'a> SmmuUnit<'a> {
 
     fn hw(&self) -> Hw<'a> {
         Hw {
-            mmio: self.mmio,
-            mem: self.mem,
-            clock: self.clock,
-            timeout_ns: self.config.timeout_ns,
-            coherent: self.coherent,
+            access: DeviceAccess {
+                mmio: self.mmio,
+                mem: self.mem,
+                clock: self.clock,
+                timeout_ns: self.config.timeout_ns,
+                coherent: self.coherent,
+            },
             index: self.config.index,
         }
     }

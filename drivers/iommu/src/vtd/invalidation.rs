@@ -3,37 +3,32 @@
 //! registers (6.5.1). Both take the same [`Descriptor`] lists, so the rest
 //! of the driver decides *what* to invalidate once.
 
-use sluice_hal::{Clock, DmaMemory, Mmio, PAGE_SIZE, PhysAddr, poll_until};
+use sluice_hal::{DeviceAccess, PAGE_SIZE, PhysAddr};
 
 use super::descriptors::{Descriptor, kind};
 use super::error::VtdError;
 use super::regs::{self, ccmd, fsts, iotlb, queue};
 
-/// What the invalidation code needs from the unit.
+/// What the invalidation code needs from the unit: its [`DeviceAccess`]
+/// (coherent: ECAP.C), where its IOTLB registers are, and its index.
 pub(super) struct Hw<'a> {
-    pub mmio: &'a dyn Mmio,
-    pub mem: &'a dyn DmaMemory,
-    pub clock: &'a dyn Clock,
-    pub timeout_ns: u64,
-    /// Whether the unit's reads of memory structures snoop (ECAP.C).
-    pub coherent: bool,
+    pub access: DeviceAccess<'a>,
     pub iotlb_offset: usize,
     pub unit: u32,
 }
 
-impl Hw<'_> {
-    pub fn flush(&self, addr: PhysAddr, len: u64) {
-        if !self.coherent {
-            self.mem.flush_for_device(addr, len);
-        }
+impl<'a> core::ops::Deref for Hw<'a> {
+    type Target = DeviceAccess<'a>;
+    fn deref(&self) -> &DeviceAccess<'a> {
+        &self.access
     }
+}
 
-    pub fn wait(&self, what: &'static str, mut done: impl FnMut() -> bool) -> Result<(), VtdError> {
-        poll_until(self.clock, self.timeout_ns, || done().then_some(())).map_err(|t| {
-            VtdError::Timeout {
-                what,
-                waited_ns: t.waited_ns,
-            }
+impl Hw<'_> {
+    pub fn wait(&self, what: &'static str, done: impl FnMut() -> bool) -> Result<(), VtdError> {
+        self.access.wait_until(done).map_err(|t| VtdError::Timeout {
+            what,
+            waited_ns: t.waited_ns,
         })
     }
 }

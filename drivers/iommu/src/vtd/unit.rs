@@ -5,7 +5,7 @@
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
-use sluice_hal::{Clock, DmaMemory, Mmio, PAGE_SIZE, PhysAddr};
+use sluice_hal::{Clock, DeviceAccess, DmaMemory, Mmio, PAGE_SIZE, PhysAddr};
 use sluice_pci::Bdf;
 
 use super::caps::VtdCapabilities;
@@ -368,11 +368,13 @@ impl<'a> VtdUnit<'a> {
 
     pub(super) fn hw(&self) -> Hw<'a> {
         Hw {
-            mmio: self.mmio,
-            mem: self.mem,
-            clock: self.clock,
-            timeout_ns: self.config.timeout_ns,
-            coherent: self.caps.coherent,
+            access: DeviceAccess {
+                mmio: self.mmio,
+                mem: self.mem,
+                clock: self.clock,
+                timeout_ns: self.config.timeout_ns,
+                coherent: self.caps.coherent,
+            },
             iotlb_offset: self.caps.iotlb_offset,
             unit: self.config.index,
         }
