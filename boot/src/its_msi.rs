@@ -26,16 +26,13 @@ use alloc::string::String;
 use log::info;
 use sluice_gic::Lpi;
 use sluice_gic::redist::LpiConfig;
-use sluice_hal::{PAGE_SIZE, poll_until};
+use sluice_hal::{PAGE_SIZE, PhysAddr, poll_until};
 use sluice_hypervisor::iommufd::ARM_SW_MSI_WINDOW;
-use sluice_iommu::acpi::iort::{self, NodeKind};
 use sluice_iommu::association::UnitId;
 use sluice_iommu::pagetable::MapPerms;
-use sluice_iommu::smmuv3::regs::REGISTER_SPAN;
-use sluice_iommu::smmuv3::{Access, EventKind, MemoryKind, SmmuConfig, SmmuDomainConfig, SmmuUnit};
-use sluice_kernel::acpi_tables::RawIort;
+use sluice_iommu::smmuv3::{Access, EventKind, MemoryKind, SmmuDomainConfig, SmmuUnit};
 use sluice_kernel::clock::KernelClock;
-use sluice_kernel::hw::{FrameDmaMemory, PhysMmio};
+use sluice_kernel::hw::FrameDmaMemory;
 use sluice_kernel::platform::Platform;
 use sluice_pci::PciAddress;
 
@@ -139,15 +136,12 @@ pub fn run(platform: &'static Platform) -> Result<(), String> {
     if its_a != its_b {
         return Err(String::from("the two edus signal different ITSes"));
     }
-    let doorbell = gic
-        .doorbell_pages()
-        .get(&its_a)
-        .copied()
-        .ok_or_else(|| format!("ITS ID {its_a} is not in the MADT"))?;
-    let doorbell_offset = gic
+    let doorbell_address = gic
         .its_mut(its_a)
-        .map(|u| u.doorbell() & (PAGE_SIZE - 1))
-        .ok_or("the ITS vanished")?;
+        .ok_or_else(|| format!("ITS ID {its_a} is not in the MADT"))?
+        .doorbell();
+    let doorbell = PhysAddr::new(doorbell_address & !(PAGE_SIZE - 1));
+    let doorbell_offset = doorbell_address & (PAGE_SIZE - 1);
     let icid = gic
         .this_cpu()
         .ok_or("the boot CPU has no redistributor")?
@@ -155,20 +149,9 @@ pub fn run(platform: &'static Platform) -> Result<(), String> {
 
     // The SMMU: one stage-1 domain for both streams with the doorbell at
     // the window's first page, as device memory.
-    let table =
-        iort::parse(acpi.raw::<RawIort>().ok_or("no IORT")?).map_err(|e| format!("IORT: {e}"))?;
-    let node = table
-        .smmus()
-        .first()
-        .and_then(|&i| table.nodes.get(i))
-        .ok_or("the IORT lists no SMMU")?;
-    let NodeKind::SmmuV3(smmu) = &node.kind else {
-        return Err(String::from("smmu0 is not an SMMUv3"));
-    };
-    // SAFETY: the IORT names this register block; the scenario owns it.
-    let mmio = unsafe { PhysMmio::new(smmu.base, REGISTER_SPAN as u64) };
+    let (mmio, config) = crate::smmu_dma::smmu_registers(acpi, 0)?;
     let memory = FrameDmaMemory::new(&platform.frames);
-    let mut unit = SmmuUnit::init(&mmio, &memory, &KernelClock, SmmuConfig::from_iort(0, smmu))
+    let mut unit = SmmuUnit::init(&mmio, &memory, &KernelClock, config)
         .map_err(|e| format!("SMMU init: {e}"))?;
     let domain = unit
         .alloc_domain(SmmuDomainConfig::any())
@@ -188,11 +171,7 @@ pub fn run(platform: &'static Platform) -> Result<(), String> {
     }
     info!(
         "its-msi: edus {} (StreamID/DeviceID {:#x}) and {} ({:#x}) share a domain; doorbell {:#x} at IOVA {MSI_IOVA:#x}",
-        a.addr,
-        a.device_id,
-        b.addr,
-        b.device_id,
-        doorbell.as_u64() + doorbell_offset
+        a.addr, a.device_id, b.addr, b.device_id, doorbell_address
     );
     let msi = MSI_IOVA + doorbell_offset;
 

@@ -128,13 +128,16 @@ fn leak_mmio(base: u64, size: u64) -> &'static dyn Mmio {
 
 /// The GICR frames of every enabled CPU: from the MADT's GICR structures
 /// when there are any, else each GICC's own GICR base.
-fn redistributor_frames(madt: &Madt<'_>) -> Result<Vec<(u64, RedistributorFrame)>, String> {
+/// Each comes with the base and register window of the region it is in.
+fn redistributor_frames(
+    madt: &Madt<'_>,
+) -> Result<Vec<(u64, &'static dyn Mmio, RedistributorFrame)>, String> {
     let mut frames = Vec::new();
     let regions: Vec<_> = madt.gicr().collect();
     if regions.is_empty() {
         for gicc in madt.gicc().filter(|g| g.enabled() && g.gicr_base != 0) {
             let mmio = leak_mmio(gicc.gicr_base, GICC_REDIST_SPAN);
-            frames.push((gicc.gicr_base, RedistributorFrame::read(mmio, 0)));
+            frames.push((gicc.gicr_base, mmio, RedistributorFrame::read(mmio, 0)));
         }
         return Ok(frames);
     }
@@ -143,7 +146,7 @@ fn redistributor_frames(madt: &Madt<'_>) -> Result<Vec<(u64, RedistributorFrame)
         for frame in walk_frames(mmio, region.length as usize)
             .map_err(|e| format!("GICR region at {:#x}: {e}", region.base))?
         {
-            frames.push((region.base, frame));
+            frames.push((region.base, mmio, frame));
         }
     }
     Ok(frames)
@@ -173,16 +176,15 @@ pub fn take_ownership(platform: &'static Platform) -> Result<OwnedGic, String> {
     let mut cpus = Vec::new();
     for (icid, gicc) in madt.gicc().filter(|g| g.enabled()).enumerate() {
         let affinity = Affinity::from_mpidr(gicc.mpidr);
-        let &(region_base, frame) = frames
+        let &(region_base, region, frame) = frames
             .iter()
-            .find(|(_, f)| f.affinity == affinity)
+            .find(|(_, _, f)| f.affinity == affinity)
             .ok_or_else(|| {
                 format!(
                     "CPU {:#x}: no redistributor in the MADT's GICR ranges",
                     gicc.mpidr
                 )
             })?;
-        let region = leak_mmio(region_base, (frame.offset + frame.span()) as u64);
         let mut redistributor = Redistributor::new(region, memory, frame);
         redistributor
             .wake(&CLOCK, TIMEOUT_NS)

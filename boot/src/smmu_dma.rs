@@ -33,7 +33,7 @@ use sluice_iommu::smmuv3::{
     Access, AttributedFault, EventKind, FaultClass, SmmuConfig, SmmuDomainConfig, SmmuDomainId,
     SmmuUnit, Stage,
 };
-use sluice_kernel::acpi_tables::RawIort;
+use sluice_kernel::acpi_tables::{Acpi, RawIort};
 use sluice_kernel::clock::KernelClock;
 use sluice_kernel::hw::{FrameDmaMemory, PhysMmio};
 use sluice_kernel::platform::Platform;
@@ -167,6 +167,31 @@ fn blocked(f: &AttributedFault) -> bool {
     f.fault.kind == EventKind::BadStreamId && f.fault.address.is_none() && f.domain.is_none()
 }
 
+/// The register window and driver configuration of SMMU `ordinal` (IORT
+/// order), for scenarios that bring an SMMU up themselves.
+pub fn smmu_registers(acpi: &Acpi, ordinal: usize) -> Result<(PhysMmio, SmmuConfig), String> {
+    let bytes_iort = acpi.raw::<RawIort>().ok_or("no IORT table")?;
+    let table = iort::parse(bytes_iort).map_err(|e| format!("IORT: {e}"))?;
+    let node = table
+        .smmus()
+        .get(ordinal)
+        .and_then(|&i| table.nodes.get(i))
+        .ok_or_else(|| format!("the IORT has no SMMU {ordinal}"))?;
+    let NodeKind::SmmuV3(smmu) = &node.kind else {
+        return Err(format!("smmu{ordinal} is not an SMMUv3"));
+    };
+    if smmu.base == 0 || !smmu.base.is_multiple_of(0x1_0000) {
+        return Err(format!(
+            "smmu{ordinal}: register base {:#x} is not 64 KiB aligned",
+            smmu.base
+        ));
+    }
+    // SAFETY: the IORT names this register block (pages 0 and 1); the
+    // calling scenario owns the SMMU.
+    let mmio = unsafe { PhysMmio::new(smmu.base, REGISTER_SPAN as u64) };
+    Ok((mmio, SmmuConfig::from_iort(ordinal as u32, smmu)))
+}
+
 pub fn run(platform: &Platform) -> Result<(), String> {
     let acpi = platform.acpi.as_ref().ok_or("no ACPI tables")?;
     let pci = crate::pci::discover(acpi)?;
@@ -181,33 +206,14 @@ pub fn run(platform: &Platform) -> Result<(), String> {
     let sid = device
         .stream_id
         .ok_or_else(|| format!("edu {addr} has no StreamID"))?;
-    let bytes_iort = acpi.raw::<RawIort>().ok_or("no IORT table")?;
-    let table = iort::parse(bytes_iort).map_err(|e| format!("IORT: {e}"))?;
-    let node = table
-        .smmus()
-        .get(ordinal)
-        .and_then(|&i| table.nodes.get(i))
-        .ok_or("the SMMU node vanished")?;
-    let NodeKind::SmmuV3(smmu) = &node.kind else {
-        return Err(format!("smmu{ordinal} is not an SMMUv3"));
-    };
-    if smmu.base == 0 || !smmu.base.is_multiple_of(0x1_0000) {
-        return Err(format!(
-            "smmu{ordinal}: register base {:#x} is not 64 KiB aligned",
-            smmu.base
-        ));
-    }
-    // SAFETY: the IORT names this register block (pages 0 and 1); Sluice
-    // owns the SMMU now.
-    let mmio = unsafe { PhysMmio::new(smmu.base, REGISTER_SPAN as u64) };
+    let (mmio, config) = smmu_registers(acpi, ordinal)?;
     let memory = FrameDmaMemory::new(&platform.frames);
     let clock = KernelClock;
-    let config = SmmuConfig::from_iort(ordinal as u32, smmu);
     let mut unit =
         SmmuUnit::init(&mmio, &memory, &clock, config).map_err(|e| format!("SMMU init: {e}"))?;
     info!(
         "smmu-dma: smmu{ordinal} @{:#x} up ({}coherent, {:?}); edu {addr} is StreamID {sid:#x}",
-        smmu.base,
+        mmio.base(),
         if unit.coherent() { "" } else { "non-" },
         unit.stream_table_layout()
     );
